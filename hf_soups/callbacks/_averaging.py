@@ -1,0 +1,545 @@
+"""What SWA and EMA callbacks share: the averaged weights and the Trainer plumbing around them.
+
+The average is a float32 copy of a model's floating tensors, kept on the model's device and
+keyed by the model's in-memory ``state_dict`` names. It enters a model only through
+``load_state_dict`` and leaves for disk only through ``save_pretrained``, so checkpoints written
+from it are ordinary model folders whatever the model's on-disk naming. Its running state (the
+tensors plus a small JSON record) rides along with every Trainer checkpoint, so a resumed run
+continues the same average.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerState, TrainingArguments
+
+from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
+from hf_soups.output import atomic_output_dir, check_output_dir
+
+logger = logging.getLogger(__name__)
+
+PREFIX_CHECKPOINT_DIR = "checkpoint"
+
+
+def distributed_world_size() -> int:
+    """Number of processes in the default process group (1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def wait_for_everyone() -> None:
+    """Barrier across processes, so no rank reads a folder the main process is still writing."""
+    if distributed_world_size() > 1:
+        dist.barrier()
+
+
+def checkpoint_dir(args: TrainingArguments, step: int) -> Path:
+    """The folder the Trainer writes its checkpoint of ``step`` into."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def write_json_atomic(path: Path, content: dict) -> None:
+    """Write ``content`` as JSON to ``path`` through a temporary file and an atomic rename."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def save_model_folder(
+    model: torch.nn.Module,
+    target: Path,
+    *,
+    processing_class: Any = None,
+    extra_files: Mapping[str, dict] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (and its processor/tokenizer) with ``save_pretrained`` into ``target``.
+
+    The folder is built beside ``target`` and renamed into place only when complete.
+    ``extra_files`` maps file names to JSON content written alongside the weights.
+    """
+    with atomic_output_dir(target, overwrite=overwrite) as temporary:
+        model.save_pretrained(temporary)
+        if processing_class is not None:
+            processing_class.save_pretrained(temporary)
+        for name, content in (extra_files or {}).items():
+            (temporary / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def require_save_pretrained(model: torch.nn.Module, argument: str) -> None:
+    """Fail before training when a folder is asked for and ``model`` cannot write one."""
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise HfSoupsError(
+            f"{argument} asks for a model folder, but {type(model).__name__} has no "
+            "save_pretrained; use a transformers (or PEFT) model, or leave it unset"
+        )
+
+
+def _averaged_tensors(
+    model: torch.nn.Module, include_buffers: bool
+) -> tuple[list[str], list[torch.Tensor]]:
+    """The model's floating tensors to average, by in-memory ``state_dict`` name.
+
+    Tied parameters appear once (``named_parameters`` drops duplicates); buffers only when
+    asked and only persistent ones, as those are what ``state_dict`` and ``load_state_dict`` see.
+    """
+    names, tensors = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point():
+            names.append(name)
+            tensors.append(parameter)
+    if include_buffers:
+        persistent = set(model.state_dict(keep_vars=True))
+        for name, buffer in model.named_buffers():
+            if name in persistent and buffer.is_floating_point():
+                names.append(name)
+                tensors.append(buffer)
+    return names, tensors
+
+
+class AveragedWeights:
+    """A float32 running average of a model's floating tensors, on the model's device.
+
+    Args:
+        model: The model whose tensors are averaged. Its parameters (and persistent floating
+            buffers when ``include_buffers``) are captured by reference, so updates read their
+            current values without walking the module tree each step.
+        include_buffers: Average floating buffers (BatchNorm statistics, ...) too. Otherwise
+            the model keeps its own buffers when the average is loaded into it.
+    """
+
+    def __init__(self, model: torch.nn.Module, include_buffers: bool) -> None:
+        self.names, self._sources = _averaged_tensors(model, include_buffers)
+        self.tensors = [
+            torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in self._sources
+        ]
+        # Sources already in float32 feed foreach ops directly; others are upcast per update.
+        self._float32 = [i for i, t in enumerate(self._sources) if t.dtype == torch.float32]
+        self._other = [i for i, t in enumerate(self._sources) if t.dtype != torch.float32]
+
+    @torch.no_grad()
+    def copy_from_model(self) -> None:
+        """Set the average to the model's current values."""
+        torch._foreach_copy_(self.tensors, [s.detach() for s in self._sources])
+
+    @torch.no_grad()
+    def lerp_toward_model(self, weight: float) -> None:
+        """``average += weight * (model - average)`` for every tensor, with fused foreach ops."""
+        if self._float32:
+            torch._foreach_lerp_(
+                [self.tensors[i] for i in self._float32],
+                [self._sources[i].detach() for i in self._float32],
+                weight,
+            )
+        if self._other:
+            torch._foreach_lerp_(
+                [self.tensors[i] for i in self._other],
+                [self._sources[i].detach().float() for i in self._other],
+                weight,
+            )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors by in-memory name (live tensors: clone before changing them)."""
+        return dict(zip(self.names, self.tensors, strict=True))
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """Replace the average with ``tensors`` (as written by :meth:`state_dict`)."""
+        missing = [name for name in self.names if name not in tensors]
+        unexpected = sorted(set(tensors) - set(self.names))
+        if missing or unexpected:
+            raise CorruptedCheckpointError(
+                f"{source}: averaged weights do not match the model "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        for name, target in zip(self.names, self.tensors, strict=True):
+            if tuple(tensors[name].shape) != tuple(target.shape):
+                raise CorruptedCheckpointError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                    f"the model's has {tuple(target.shape)}"
+                )
+            target.copy_(tensors[name])
+
+    @torch.no_grad()
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Write the average into ``model`` through ``load_state_dict`` (cast to its dtypes)."""
+        result = model.load_state_dict(self.state_dict(), strict=False)
+        if result.unexpected_keys:
+            raise HfSoupsError(
+                f"averaged weights do not fit {type(model).__name__}: unexpected tensors "
+                f"{result.unexpected_keys[:5]}"
+            )
+
+    @torch.no_grad()
+    def broadcast_buffers_from_main(self, model: torch.nn.Module) -> None:
+        """Make averaged buffers identical across ranks.
+
+        Parameters agree on every rank by construction of data-parallel training, but buffers
+        (BatchNorm statistics) are updated from each rank's own batch after DDP's broadcast,
+        so their averages drift apart; the main process's copy is taken as the reference.
+        """
+        if distributed_world_size() <= 1:
+            return
+        parameters = {name for name, _ in model.named_parameters()}
+        for name, tensor in zip(self.names, self.tensors, strict=True):
+            if name not in parameters:
+                dist.broadcast(tensor, src=0)
+
+
+@contextmanager
+def swapped_in(averaged: AveragedWeights, model: torch.nn.Module) -> Iterator[None]:
+    """Load ``averaged`` into ``model`` for the duration of the block, then restore the model.
+
+    Every parameter and buffer is backed up, so changes made inside the block (such as a
+    BatchNorm statistics update) are undone too.
+    """
+    backup = [(t, t.detach().clone()) for t in _all_tensors(model)]
+    averaged.load_into(model)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for live, saved in backup:
+                live.copy_(saved)
+
+
+def _all_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for _, p in model.named_parameters()] + [b for _, b in model.named_buffers()]
+
+
+def _forward_batch(model: torch.nn.Module, batch: Any, device: torch.device | None) -> None:
+    if isinstance(batch, Mapping):
+        model(**{k: v.to(device) if torch.is_tensor(v) and device else v for k, v in batch.items()})
+    else:
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        model(batch.to(device) if device is not None else batch)
+
+
+@torch.no_grad()
+def update_bn(
+    batches: Iterable[Any],
+    model: torch.nn.Module,
+    *,
+    device: torch.device | None = None,
+    max_batches: int | None = None,
+) -> int:
+    """Recompute BatchNorm running statistics with one pass over ``batches``.
+
+    The semantics of :func:`torch.optim.swa_utils.update_bn` (statistics reset, then a
+    cumulative average over batches with ``momentum=None``), extended to the dict batches a
+    Trainer's dataloader yields (``model(**batch)``). In a multi-process run each rank sees its
+    own shard, and the per-rank averages are combined weighted by batch counts, so every rank
+    ends with the same statistics.
+
+    Returns:
+        The number of batches seen by this process (0 when the model has no BatchNorm).
+    """
+    momenta = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            module.reset_running_stats()
+            momenta[module] = module.momentum
+    if not momenta:
+        return 0
+    was_training = model.training
+    model.train()
+    for module in momenta:
+        module.momentum = None
+    seen = 0
+    try:
+        for batch in tqdm(batches, desc="BatchNorm statistics", total=max_batches, leave=False):
+            if max_batches is not None and seen >= max_batches:
+                break
+            _forward_batch(model, batch, device)
+            seen += 1
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        model.train(was_training)
+    if distributed_world_size() > 1:
+        _combine_bn_statistics(list(momenta), seen)
+    return seen
+
+
+def _combine_bn_statistics(modules: list[torch.nn.Module], seen: int) -> None:
+    """Average per-rank cumulative statistics, weighted by each rank's number of batches."""
+    device = modules[0].running_mean.device
+    total = torch.tensor(float(seen), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    for module in modules:
+        for name in ("running_mean", "running_var"):
+            statistic = getattr(module, name)
+            weighted = statistic.double() * seen
+            dist.all_reduce(weighted)
+            statistic.copy_(weighted / total.clamp_min(1))
+        module.num_batches_tracked.fill_(int(total.item()))
+
+
+class WeightAveragingCallback(TrainerCallback):
+    """Base of the averaging callbacks: state, evaluation swaps, checkpoints and the end of training.
+
+    Subclasses say when and how the average moves (:meth:`_update`) and what else their state
+    holds (:meth:`_extra_state`, :meth:`_load_extra_state`).
+    """
+
+    #: Stem of the files holding the callback's state inside a Trainer checkpoint folder.
+    state_name: str = "averaging"
+
+    def __init__(
+        self,
+        *,
+        average_buffers: bool,
+        evaluate_with_average: bool,
+        swap_at_end: bool,
+        save_dir: str | os.PathLike | None,
+        bn_update: bool,
+        bn_update_max_batches: int | None,
+        overwrite: bool,
+    ) -> None:
+        if bn_update_max_batches is not None and bn_update_max_batches < 1:
+            raise ValueError(f"bn_update_max_batches must be >= 1, got {bn_update_max_batches}")
+        self.average_buffers = average_buffers
+        self.evaluate_with_average = evaluate_with_average
+        self.swap_at_end = swap_at_end
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.bn_update = bn_update
+        self.bn_update_max_batches = bn_update_max_batches
+        self.overwrite = overwrite
+        self.averaged: AveragedWeights | None = None
+        self.n_averaged = 0
+        self._eval_backup: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._eval_round_step: int | None = None
+        self._warned_partial_eval = False
+        self._loaded_from: tuple[Path, int] | None = None
+        self._pending_state: tuple[dict, Path | None] | None = None
+
+    # ---- what subclasses define -------------------------------------------------------------
+
+    @abstractmethod
+    def _update(self, step: int, state: TrainerState) -> None:
+        """Move the average after optimizer step ``step`` (1-based, counting optimizer steps)."""
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, record: dict) -> None:
+        pass
+
+    def _prepare(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Resolve schedule settings that depend on the run (``state.max_steps``)."""
+
+    # ---- public helpers ---------------------------------------------------------------------
+
+    def averaged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors (float32, on the model's device) by in-memory name; a copy."""
+        if self.averaged is None:
+            return {}
+        return {name: t.detach().clone() for name, t in self.averaged.state_dict().items()}
+
+    def load_state(self, checkpoint: str | os.PathLike) -> None:
+        """Restore the averaging state from a Trainer checkpoint folder written with this callback.
+
+        Resuming with ``Trainer.train(resume_from_checkpoint=...)`` finds the state by itself in
+        ``args.output_dir/checkpoint-<step>``; call this only for a checkpoint stored elsewhere,
+        before ``train``.
+        """
+        checkpoint = Path(checkpoint)
+        record_file, tensors_file = self._state_files(checkpoint)
+        if not record_file.is_file():
+            raise CorruptedCheckpointError(f"{record_file}: no {self.state_name} state here")
+        record = json.loads(record_file.read_text())
+        self._pending_state = (record, tensors_file if tensors_file.is_file() else None)
+        self._loaded_from = (checkpoint, int(record["global_step"]))
+
+    # ---- Trainer events ---------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.save_dir is not None:
+            require_save_pretrained(model, "save_dir")
+            if state.global_step == 0:
+                check_output_dir(self.save_dir, self.overwrite)
+        self._prepare(args, state)
+        self.averaged = AveragedWeights(model, self.average_buffers)
+        self.n_averaged = 0
+        self._eval_backup = None
+        if state.global_step > 0:
+            self._restore(args, state)
+        else:
+            self._pending_state = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # The Trainer increments global_step after this event: this is optimizer step global_step+1.
+        self._update(state.global_step + 1, state)
+
+    # The Trainer has no event before an evaluation: DefaultFlowCallback (which runs first) sets
+    # `should_evaluate` in on_step_end/on_epoch_end, and the evaluation follows right after.
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_evaluate:
+            self._swap_in_for_evaluation(model, state)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_evaluate:
+            self._swap_in_for_evaluation(model, state)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        # Swapping back here, before the Trainer saves its checkpoint, keeps training weights in it.
+        self._swap_back_after_evaluation()
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if (
+            self._eval_backup is None
+            and self._eval_round_step == state.global_step
+            and not self._warned_partial_eval
+        ):
+            # on_evaluate fires once per eval dataset when eval_dataset is a dict; the weights
+            # went back after the first one.
+            logger.warning(
+                "%s: with several eval datasets only the first is evaluated on the averaged "
+                "weights; the others see the training weights",
+                type(self).__name__,
+            )
+            self._warned_partial_eval = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save or self.averaged is None:
+            return
+        folder = checkpoint_dir(args, state.global_step)
+        if not folder.is_dir():
+            logger.warning(
+                "%s: checkpoint folder not found; the %s state is not saved with it",
+                folder,
+                self.state_name,
+            )
+            return
+        record_file, tensors_file = self._state_files(folder)
+        record = {
+            "global_step": state.global_step,
+            "n_averaged": self.n_averaged,
+            **self._extra_state(),
+        }
+        if self.n_averaged > 0:
+            temporary = tensors_file.with_name(f".{tensors_file.name}.tmp-{os.getpid()}")
+            cpu_tensors = {
+                n: t.detach().cpu().contiguous() for n, t in self.averaged.state_dict().items()
+            }
+            save_file(cpu_tensors, temporary, metadata={"format": "pt"})
+            os.replace(temporary, tensors_file)
+        write_json_atomic(record_file, record)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._swap_back_after_evaluation()
+        self._eval_round_step = None
+        if self.averaged is None or self.n_averaged == 0:
+            logger.warning(
+                "%s: no weights were averaged (training ended at step %d); the model is left as "
+                "trained and nothing is saved",
+                type(self).__name__,
+                state.global_step,
+            )
+            return
+        self.averaged.broadcast_buffers_from_main(model)
+        train_dataloader = kwargs.get("train_dataloader")
+        if self.swap_at_end:
+            self.averaged.load_into(model)
+            self._maybe_update_bn(model, train_dataloader)
+            self._save(args, model, processing_class)
+            logger.info(
+                "%s: loaded the average of %d weight sets into the model",
+                type(self).__name__,
+                self.n_averaged,
+            )
+        elif self.save_dir is not None:
+            with swapped_in(self.averaged, model):
+                self._maybe_update_bn(model, train_dataloader)
+                self._save(args, model, processing_class)
+
+    def _save(self, args: TrainingArguments, model: torch.nn.Module, processing_class: Any) -> None:
+        if self.save_dir is None:
+            return
+        if args.should_save:
+            save_model_folder(
+                model, self.save_dir, processing_class=processing_class, overwrite=self.overwrite
+            )
+            logger.info("Saved the averaged model to %s", self.save_dir)
+        wait_for_everyone()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _state_files(self, folder: Path) -> tuple[Path, Path]:
+        stem = f"hf_soups_{self.state_name}_state"
+        return folder / f"{stem}.json", folder / f"{stem}.safetensors"
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+        if self._loaded_from is None or self._loaded_from[1] != state.global_step:
+            folder = checkpoint_dir(args, state.global_step)
+            if not self._state_files(folder)[0].is_file():
+                logger.warning(
+                    "Resuming at step %d, but %s holds no %s state (was the callback missing "
+                    "from the interrupted run, or is the checkpoint elsewhere? then call "
+                    "load_state(folder) before train). The average restarts from here.",
+                    state.global_step,
+                    folder,
+                    self.state_name,
+                )
+                return
+            self.load_state(folder)
+        record, tensors_file = self._pending_state
+        self._pending_state = None
+        n_averaged = int(record["n_averaged"])
+        if n_averaged > 0:
+            if tensors_file is None:
+                raise CorruptedCheckpointError(
+                    f"{self._loaded_from[0]}: the {self.state_name} state records {n_averaged} "
+                    "averaged weight sets but its safetensors file is missing"
+                )
+            device_tensors = load_file(tensors_file, device=str(self.averaged.tensors[0].device))
+            self.averaged.load_state_dict(device_tensors, str(tensors_file))
+        self.n_averaged = n_averaged
+        self._load_extra_state(record)
+        logger.info(
+            "Restored the %s state (%d averaged weight sets) from %s",
+            self.state_name,
+            n_averaged,
+            self._loaded_from[0],
+        )
+
+    def _swap_in_for_evaluation(self, model: torch.nn.Module, state: TrainerState) -> None:
+        if not self.evaluate_with_average or self.n_averaged == 0 or self._eval_backup is not None:
+            return
+        self._eval_round_step = state.global_step
+        self.averaged.broadcast_buffers_from_main(model)
+        self._eval_backup = [(t, t.detach().clone()) for t in _all_tensors(model)]
+        self.averaged.load_into(model)
+
+    @torch.no_grad()
+    def _swap_back_after_evaluation(self) -> None:
+        if self._eval_backup is None:
+            return
+        for live, saved in self._eval_backup:
+            live.copy_(saved)
+        self._eval_backup = None
+
+    def _maybe_update_bn(self, model: torch.nn.Module, train_dataloader: Any) -> None:
+        if not self.bn_update:
+            return
+        if train_dataloader is None:
+            logger.warning("No training dataloader available; BatchNorm statistics not updated")
+            return
+        seen = update_bn(train_dataloader, model, max_batches=self.bn_update_max_batches)
+        if seen:
+            logger.info("Recomputed BatchNorm statistics over %d batches", seen)

@@ -1,0 +1,110 @@
+"""Exponential moving average of the weights as a ``transformers`` Trainer callback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from transformers import TrainerState
+
+from hf_soups.callbacks._averaging import WeightAveragingCallback
+
+logger = logging.getLogger(__name__)
+
+
+class EMACallback(WeightAveragingCallback):
+    """Keep an exponential moving average of the weights, updated after every optimizer step.
+
+    After optimizer update ``u`` (1-based), ``ema = decay_u * ema + (1 - decay_u) * weights``,
+    computed in float32 on the model's device with one fused ``torch._foreach_lerp_`` per dtype
+    group. ``decay_u`` follows timm's ``ModelEmaV3``: 0 (a plain copy of the weights) for the
+    first ``update_after_step + 1`` updates, then ``decay``, or with ``use_warmup``
+    ``clamp(1 - (1 + k / warmup_gamma) ** -warmup_power, min_decay, decay)`` where
+    ``k = u - update_after_step - 1``. Gradient accumulation does not change the schedule:
+    updates count optimizer steps.
+
+    Evaluation during training can run on the averaged weights (``evaluate_with_average``),
+    which are swapped in just before the Trainer evaluates and swapped out right after, before
+    any checkpoint is written. The end of training works as for :class:`SWACallback`.
+
+    Args:
+        decay: Decay once warm (the weight of the old average), in [0, 1].
+        min_decay: Lower bound of the warm-up decay.
+        update_after_step: Updates that only copy the weights before averaging begins.
+        use_warmup: Ramp the decay up with timm's power warm-up.
+        warmup_gamma: Warm-up horizon (``gamma`` in timm).
+        warmup_power: Warm-up exponent (``power`` in timm; 2/3 suits long runs, 3/4 short ones).
+        average_buffers: Average floating buffers too (timm's default); otherwise the model
+            keeps its own buffers when the average is loaded.
+        evaluate_with_average: Evaluate on the averaged weights during training.
+        swap_at_end: Load the averaged weights into the model when training ends.
+        save_dir: Also write the averaged model there (with the processor/tokenizer).
+        bn_update: Recompute BatchNorm statistics for the averaged weights at the end.
+        bn_update_max_batches: Stop the BatchNorm pass after this many batches.
+        overwrite: Replace an existing non-empty ``save_dir``.
+    """
+
+    state_name = "ema"
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+        use_warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        average_buffers: bool = True,
+        evaluate_with_average: bool = False,
+        swap_at_end: bool = True,
+        save_dir: str | os.PathLike | None = None,
+        bn_update: bool = False,
+        bn_update_max_batches: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(
+            average_buffers=average_buffers,
+            evaluate_with_average=evaluate_with_average,
+            swap_at_end=swap_at_end,
+            save_dir=save_dir,
+            bn_update=bn_update,
+            bn_update_max_batches=bn_update_max_batches,
+            overwrite=overwrite,
+        )
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if not 0.0 <= min_decay <= decay:
+            raise ValueError(f"min_decay must be in [0, decay={decay}], got {min_decay}")
+        if update_after_step < 0:
+            raise ValueError(f"update_after_step must be >= 0, got {update_after_step}")
+        if warmup_gamma <= 0 or warmup_power <= 0:
+            raise ValueError(
+                f"warmup_gamma and warmup_power must be > 0, got {warmup_gamma}, {warmup_power}"
+            )
+        self.decay = decay
+        self.min_decay = min_decay
+        self.update_after_step = update_after_step
+        self.use_warmup = use_warmup
+        self.warmup_gamma = warmup_gamma
+        self.warmup_power = warmup_power
+
+    def decay_at(self, update: int) -> float:
+        """Decay applied at optimizer update ``update`` (1-based), as timm's ModelEmaV3 computes it."""
+        k = max(0, update - self.update_after_step - 1)
+        if k <= 0:
+            return 0.0
+        if not self.use_warmup:
+            return self.decay
+        warm = 1 - (1 + k / self.warmup_gamma) ** -self.warmup_power
+        return max(min(warm, self.decay), self.min_decay)
+
+    def _update(self, step: int, state: TrainerState) -> None:
+        decay = self.decay_at(step)
+        if decay == 0.0 or self.n_averaged == 0:
+            self.averaged.copy_from_model()
+        else:
+            self.averaged.lerp_toward_model(1.0 - decay)
+        self.n_averaged += 1
+
+    def _extra_state(self) -> dict:
+        return {"decay": self.decay, "use_warmup": self.use_warmup}

@@ -1,0 +1,1 @@
+"""Subcommands of the ``hf-soups`` command line, one module each."""

@@ -1,0 +1,26 @@
+"""``hf-soups card DIR``: (re)write a merged folder's model card from its recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "card",
+        help="write a merged folder's README.md model card from its soup.json",
+        description="Render the model card (README.md) of a merged model folder from the recipe "
+        "and scores in its soup.json, replacing any existing README.md.",
+    )
+    parser.add_argument("folder", metavar="DIR", help="a model folder holding soup.json")
+    parser.add_argument(
+        "--model-name", help="title and model-index name (default: the folder's name)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from hf_soups.cards import write_card
+
+    path = write_card(args.folder, model_name=args.model_name)
+    print(f"Wrote {path}")

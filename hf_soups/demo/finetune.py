@@ -1,0 +1,229 @@
+"""Fine-tune a sweep of soup ingredients from the demo's zero-shot classifier with ``Trainer``.
+
+Every ingredient starts from the same zero-shot classifier, so they share a pre-trained start
+and can be averaged. Hyperparameters vary as in the model-soups sweeps: learning rate
+(log-uniform over a wide range, stratified so a short sweep still covers it), weight decay,
+augmentation on or off, label smoothing and seed. The text tower stays frozen, so ingredients
+and any interpolation with the zero-shot model differ only in the image tower and the head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import transformers
+from tqdm.auto import tqdm
+from transformers import (
+    AutoTokenizer,
+    EvalPrediction,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from hf_soups.callbacks import IngredientCallback
+from hf_soups.demo.data import FINETUNE_AUGMENTATION, DemoData, augmented
+from hf_soups.demo.pretrain import deterministic
+from hf_soups.errors import HfSoupsError
+from hf_soups.models.clip import CLIPZeroShotClassifier
+from hf_soups.output import check_output_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Size and ranges of one demo sweep."""
+
+    num_ingredients: int
+    epochs: int
+    batch_size: int = 64
+    learning_rate_range: tuple[float, float] = (1e-5, 1e-3)
+    weight_decays: tuple[float, ...] = (0.0, 0.01, 0.1)
+    label_smoothings: tuple[float, ...] = (0.0, 0.1)
+
+
+SWEEP_SIZES: dict[str, SweepConfig] = {
+    "fast": SweepConfig(num_ingredients=6, epochs=2),
+    "default": SweepConfig(num_ingredients=8, epochs=3),
+}
+
+
+@dataclass(frozen=True)
+class IngredientSpec:
+    """The hyperparameters of one ingredient of the sweep."""
+
+    name: str
+    learning_rate: float
+    weight_decay: float
+    augment: bool
+    label_smoothing: float
+    seed: int
+
+
+def get_sweep_config(size: str | SweepConfig) -> SweepConfig:
+    """Look a demo size up by name, or pass a ``SweepConfig`` through."""
+    if isinstance(size, SweepConfig):
+        return size
+    try:
+        return SWEEP_SIZES[size]
+    except KeyError:
+        raise HfSoupsError(
+            f"unknown demo size {size!r}; choose one of {sorted(SWEEP_SIZES)}"
+        ) from None
+
+
+def sample_sweep(config: SweepConfig, seed: int) -> list[IngredientSpec]:
+    """Draw the sweep's hyperparameters; the same seed gives the same sweep.
+
+    Learning rates are stratified: the log range is cut into ``num_ingredients`` equal bins
+    and one rate is drawn uniformly inside each, so even six ingredients span it. Augmentation
+    alternates so half the ingredients use it whatever the seed.
+    """
+    rng = np.random.default_rng(seed)
+    n = config.num_ingredients
+    low, high = (math.log(x) for x in config.learning_rate_range)
+    edges = np.linspace(low, high, n + 1)
+    rates = np.exp(edges[:-1] + (edges[1:] - edges[:-1]) * rng.random(n))
+    rates = rates[rng.permutation(n)]
+    specs = []
+    for i in range(n):
+        specs.append(
+            IngredientSpec(
+                name=f"ingredient-{i:02d}",
+                learning_rate=float(f"{rates[i]:.3g}"),
+                weight_decay=float(rng.choice(config.weight_decays)),
+                augment=i % 2 == 0,
+                label_smoothing=float(rng.choice(config.label_smoothings)),
+                seed=seed * 1000 + i,
+            )
+        )
+    return specs
+
+
+def _accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def finetune_one(
+    zero_shot_dir: Path,
+    data: DemoData,
+    spec: IngredientSpec,
+    config: SweepConfig,
+    sweep_dir: Path,
+    *,
+    work_dir: Path,
+    max_steps: int = -1,
+) -> Path:
+    """Fine-tune one ingredient from the zero-shot classifier; returns its folder."""
+    tokenizer = AutoTokenizer.from_pretrained(zero_shot_dir)
+    with deterministic(spec.seed):
+        model = CLIPZeroShotClassifier.from_pretrained(zero_shot_dir)
+        model.freeze_text_tower()
+        train = (
+            augmented(data.train, FINETUNE_AUGMENTATION, spec.seed) if spec.augment else data.train
+        )
+        args = TrainingArguments(
+            output_dir=str(work_dir / spec.name),
+            use_cpu=True,
+            num_train_epochs=config.epochs,
+            max_steps=max_steps,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=500,
+            learning_rate=spec.learning_rate,
+            weight_decay=spec.weight_decay,
+            label_smoothing_factor=spec.label_smoothing,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.1,
+            seed=spec.seed,
+            eval_strategy="epoch" if max_steps < 0 else "steps",
+            eval_steps=None if max_steps < 0 else max_steps,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        callback = IngredientCallback(
+            sweep_dir,
+            name=spec.name,
+            extra_hyperparameters={
+                "augment": spec.augment,
+                "frozen": "text tower, text projection, logit scale",
+                "zero_shot_model": zero_shot_dir.name,
+            },
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=data.validation,
+            processing_class=tokenizer,
+            data_collator=default_data_collator,
+            compute_metrics=_accuracy,
+            callbacks=[callback],
+        )
+        # The sweep shows one bar; the Trainer's per-run log lines would drown it.
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    return callback.ingredient_dir(args)
+
+
+def finetune_sweep(
+    zero_shot_dir: str | os.PathLike,
+    data: DemoData,
+    out_dir: str | os.PathLike,
+    size: str | SweepConfig = "fast",
+    seed: int = 0,
+    *,
+    max_steps: int = -1,
+    progress: bool = True,
+) -> list[Path]:
+    """Fine-tune the demo's sweep of ingredients into ``out_dir/<name>/``.
+
+    Args:
+        zero_shot_dir: the folder written by ``pretrain_zero_shot``.
+        data: the demo data; trains on ``train``, evaluates on ``validation`` (recorded in each
+            ``ingredient.json`` as ``eval_accuracy``).
+        out_dir: the sweep folder; refused if it exists and is not empty.
+        size: ``"fast"``, ``"default"`` or a ``SweepConfig``.
+        seed: seeds the hyperparameter draw and, through it, every run.
+        max_steps: cut every run to this many optimiser steps (for tests).
+        progress: show one progress bar over the sweep.
+
+    Returns:
+        The ingredient folders, in sweep order.
+    """
+    config = get_sweep_config(size)
+    zero_shot_dir = Path(zero_shot_dir)
+    out_dir = check_output_dir(out_dir)
+    specs = sample_sweep(config, seed)
+    folders: list[Path] = []
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with tempfile.TemporaryDirectory(prefix="hf-soups-trainer-") as work_dir:
+            for spec in tqdm(specs, desc="fine-tuning ingredients", disable=not progress):
+                logger.info("fine-tuning %s: %s", spec.name, asdict(spec))
+                folders.append(
+                    finetune_one(
+                        zero_shot_dir,
+                        data,
+                        spec,
+                        config,
+                        out_dir,
+                        work_dir=Path(work_dir),
+                        max_steps=max_steps,
+                    )
+                )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return folders

@@ -1,0 +1,388 @@
+"""Ingredients: one checkpoint each, indexed lazily from its safetensors headers.
+
+An :class:`Ingredient` knows where a checkpoint lives, which tensors it holds (name -> file,
+dtype, shape, byte range) and its config, without reading any weights. Tensors are read one at a
+time with plain file reads into fresh buffers rather than through ``mmap``: a merge that keeps N
+files mapped grows its resident memory by the size of every page it touched, so reading into
+buffers is what keeps a streaming merge's memory flat in the number of ingredients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hf_soups.errors import (
+    CorruptedCheckpointError,
+    IncompatibleIngredientsError,
+    UnsafeCheckpointError,
+)
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+CONFIG_FILES = ("config.json", "open_clip_config.json")
+INGREDIENT_METADATA_FILE = "ingredient.json"
+# The safetensors format caps its JSON header at 100 MB; anything larger is a corrupted length.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and byte range within the file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    group: str
+    """Name of the weights file family the tensor belongs to (``model`` for
+    ``model.safetensors`` or ``model-0000k-of-0000n.safetensors``), kept in the merged output."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_safetensors_header(file: Path, group: str) -> dict[str, TensorInfo]:
+    """Index the tensors of one safetensors file from its header, validating every entry.
+
+    Raises:
+        CorruptedCheckpointError: naming the file (and tensor) when the header is malformed or the
+            file is shorter than its header says (a truncated download, say).
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        raw_length = handle.read(8)
+        if len(raw_length) < 8:
+            raise CorruptedCheckpointError(f"{file}: not a safetensors file ({size} bytes)")
+        header_length = int.from_bytes(raw_length, "little")
+        if header_length > min(_MAX_HEADER_BYTES, size - 8):
+            raise CorruptedCheckpointError(
+                f"{file}: header length {header_length} does not fit a file of {size} bytes "
+                "(truncated or not a safetensors file)"
+            )
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CorruptedCheckpointError(f"{file}: unreadable safetensors header ({error})")
+    if not isinstance(header, dict):
+        raise CorruptedCheckpointError(f"{file}: safetensors header is not a JSON object")
+    data_start = 8 + header_length
+    index = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(dim) for dim in entry["shape"])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CorruptedCheckpointError(
+                f"{file}: tensor {name!r} has a malformed entry ({error})"
+            )
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise CorruptedCheckpointError(
+                f"{file}: tensor {name!r} spans {end - begin} bytes, its shape {list(shape)} "
+                f"and dtype {entry['dtype']} need {expected}"
+            )
+        if data_start + end > size:
+            raise CorruptedCheckpointError(
+                f"{file}: tensor {name!r} ends at byte {data_start + end} but the file has only "
+                f"{size} bytes (truncated)"
+            )
+        index[name] = TensorInfo(file, dtype, shape, data_start + begin, expected, group)
+    return index
+
+
+def read_tensor(info: TensorInfo, name: str) -> torch.Tensor:
+    """Read one tensor into a fresh CPU buffer (no memory map stays behind)."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.file, "rb") as handle:
+        handle.seek(info.offset)
+        got = handle.readinto(memoryview(buffer.numpy())) if info.nbytes else 0
+    if got != info.nbytes:
+        raise CorruptedCheckpointError(
+            f"{info.file}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes)"
+        )
+    return buffer.view(info.dtype).reshape(info.shape)
+
+
+def _weights_group(file_name: str) -> str:
+    # model-00001-of-00003.safetensors and model.safetensors both belong to group "model".
+    stem = file_name.removesuffix(".safetensors")
+    parts = stem.rsplit("-of-", 1)
+    if len(parts) == 2 and parts[1].isdigit():
+        stem = parts[0].rsplit("-", 1)[0]
+    return stem
+
+
+def index_folder(folder: Path) -> dict[str, TensorInfo]:
+    """Index every safetensors weights file at the top of ``folder``.
+
+    ``*.safetensors.index.json`` files are honoured: every tensor they list must be in the file
+    they name. Files that no index mentions are indexed on their own (open_clip keeps
+    ``open_clip_model.safetensors``; hf_soups stores classification heads beside it).
+    """
+    index: dict[str, TensorInfo] = {}
+    indexed_files: set[str] = set()
+    for index_file in sorted(folder.glob("*.safetensors.index.json")):
+        group = index_file.name.removesuffix(".safetensors.index.json")
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CorruptedCheckpointError(f"{index_file}: unreadable shard index ({error})")
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        for name, file_name in weight_map.items():
+            if file_name not in headers:
+                shard = folder / file_name
+                if not shard.is_file():
+                    raise CorruptedCheckpointError(
+                        f"{index_file}: shard {file_name!r} (holding tensor {name!r}) is missing"
+                    )
+                headers[file_name] = read_safetensors_header(shard, group)
+            if name not in headers[file_name]:
+                raise CorruptedCheckpointError(
+                    f"{index_file}: tensor {name!r} is listed in {file_name!r} but not stored there"
+                )
+            index[name] = headers[file_name][name]
+        indexed_files.update(headers)
+    for file in sorted(folder.glob("*.safetensors")):
+        if file.name in indexed_files:
+            continue
+        for name, info in read_safetensors_header(file, _weights_group(file.name)).items():
+            if name in index:
+                raise CorruptedCheckpointError(
+                    f"{folder}: tensor {name!r} is stored twice ({index[name].file.name} and "
+                    f"{file.name})"
+                )
+            index[name] = info
+    return index
+
+
+@dataclass
+class Ingredient:
+    """One checkpoint of a soup: a local folder of safetensors weights and its config.
+
+    Build one with :meth:`from_source` (a local folder or a Hub repo id such as
+    ``"org/name@revision"``); nothing is read beyond the safetensors headers until a tensor is
+    asked for.
+    """
+
+    source: str
+    path: Path
+    revision: str | None = None
+    tensors: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
+    config: dict = field(default_factory=dict, repr=False)
+    metadata: dict = field(default_factory=dict, repr=False)
+    _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_source(
+        cls,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        allow_pickle: bool = False,
+    ) -> Ingredient:
+        """Resolve ``source`` (local folder, or Hub ``org/name[@revision]``) and index it.
+
+        Hub sources go through ``huggingface_hub.snapshot_download`` (cache and offline mode
+        honoured) and fetch only safetensors weights and small config/processor files.
+        Pickle checkpoints (``.bin``/``.pt``) are refused unless ``allow_pickle=True``, and are
+        then loaded with ``torch.load(weights_only=True)``.
+        """
+        from hf_soups.hub import resolve_source
+
+        path, resolved_revision = resolve_source(
+            str(source),
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_pickle=allow_pickle,
+        )
+        return cls.from_folder(
+            path, source=str(source), revision=resolved_revision, allow_pickle=allow_pickle
+        )
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: str | os.PathLike,
+        *,
+        source: str | None = None,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+    ) -> Ingredient:
+        """Index a local folder that is already on disk."""
+        path = Path(path)
+        tensors = index_folder(path)
+        pickled = None
+        if not tensors:
+            pickle_files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if not pickle_files:
+                raise CorruptedCheckpointError(f"{path}: no safetensors weights found")
+            if not allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"{source or path}: only pickle weights ({', '.join(p.name for p in pickle_files)})."
+                    " Unpickling can run arbitrary code; convert the checkpoint to safetensors, or "
+                    "pass allow_pickle=True (loads with torch.load(weights_only=True))"
+                )
+            pickled, tensors = _load_pickles(pickle_files)
+        config = {}
+        for config_name in CONFIG_FILES:
+            if (path / config_name).is_file():
+                config = _read_json(path / config_name)
+                break
+        metadata_file = path / INGREDIENT_METADATA_FILE
+        metadata = _read_json(metadata_file) if metadata_file.is_file() else {}
+        return cls(
+            source=source or str(path),
+            path=path,
+            revision=revision,
+            tensors=tensors,
+            config=config,
+            metadata=metadata,
+            _pickled=pickled,
+        )
+
+    @property
+    def name(self) -> str:
+        """A short display name: the source with its revision when pinned."""
+        return self.source if self.revision is None else f"{self.source}@{self.revision[:10]}"
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` as stored (dtype and shape) into a fresh CPU tensor."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.name}: no tensor {name!r}") from None
+        if self._pickled is not None:
+            return self._pickled[name].clone()
+        return read_tensor(info, name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, keyed as on disk. Reads the whole checkpoint into memory."""
+        return {name: self.read(name) for name in self.tensors}
+
+    def record(self) -> dict:
+        """What a recipe stores about this ingredient to reproduce a merge."""
+        return {"source": self.source, "revision": self.revision}
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})")
+
+
+def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[str, TensorInfo]]:
+    state: dict[str, torch.Tensor] = {}
+    index: dict[str, TensorInfo] = {}
+    for file in files:
+        logger.warning("Loading pickle checkpoint %s with torch.load(weights_only=True)", file)
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise CorruptedCheckpointError(f"{file}: cannot be loaded safely ({error})") from error
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            raise CorruptedCheckpointError(f"{file}: does not hold a state dict")
+        for name, tensor in loaded.items():
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            state[name] = tensor
+            # transformers names pickles pytorch_model*.bin but safetensors model*.safetensors.
+            group = "model" if file.stem.startswith("pytorch_model") else file.stem
+            index[name] = TensorInfo(
+                file, tensor.dtype, tuple(tensor.shape), 0, tensor.nbytes, group
+            )
+    return state, index
+
+
+def _architecture(ingredient: Ingredient) -> tuple:
+    config = ingredient.config
+    if "model_cfg" in config:  # open_clip
+        return ("open_clip", json.dumps(config["model_cfg"], sort_keys=True))
+    return (config.get("model_type"), tuple(config.get("architectures") or ()))
+
+
+def check_compatible(ingredients: Iterable[Ingredient]) -> None:
+    """Check that ingredients can be merged: same architecture, tensor names, shapes and kinds.
+
+    Floating tensors may differ in precision (they are accumulated in float32); integer and
+    boolean buffers must match in dtype, since they are copied rather than averaged.
+
+    Raises:
+        IncompatibleIngredientsError: naming the ingredient and the tensor at fault.
+    """
+    ingredients = list(ingredients)
+    if not ingredients:
+        raise IncompatibleIngredientsError("no ingredients given")
+    reference = ingredients[0]
+    reference_architecture = _architecture(reference)
+    for other in ingredients[1:]:
+        architecture = _architecture(other)
+        if architecture != reference_architecture:
+            raise IncompatibleIngredientsError(
+                f"{other.name} has architecture {architecture[:2]} but {reference.name} has "
+                f"{reference_architecture[:2]}"
+            )
+        missing = reference.tensors.keys() - other.tensors.keys()
+        if missing:
+            raise IncompatibleIngredientsError(
+                f"{other.name} lacks tensor {sorted(missing)[0]!r} of {reference.name}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        extra = other.tensors.keys() - reference.tensors.keys()
+        if extra:
+            raise IncompatibleIngredientsError(
+                f"{other.name} has tensor {sorted(extra)[0]!r} that {reference.name} lacks"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
+        for name, info in reference.tensors.items():
+            other_info = other.tensors[name]
+            if other_info.shape != info.shape:
+                raise IncompatibleIngredientsError(
+                    f"tensor {name!r}: shape {list(other_info.shape)} in {other.name} but "
+                    f"{list(info.shape)} in {reference.name}"
+                )
+            if info.dtype.is_floating_point != other_info.dtype.is_floating_point or (
+                not info.dtype.is_floating_point and info.dtype != other_info.dtype
+            ):
+                raise IncompatibleIngredientsError(
+                    f"tensor {name!r}: dtype {other_info.dtype} in {other.name} but "
+                    f"{info.dtype} in {reference.name}"
+                )

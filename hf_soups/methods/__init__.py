@@ -1,0 +1,69 @@
+"""Merge methods: rules combining the ingredients' tensors of one name into one tensor.
+
+Every method is a :class:`MergeMethod` run tensor by tensor by the streaming engine
+(:func:`hf_soups.merge.merge`), so all of them share its sharding, dtype handling, atomic output
+and bounded memory. :data:`METHODS` names them for recipes and the command line;
+:func:`get_method` builds one from its name and parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from hf_soups.methods.base import MergeMethod, TensorLoader, WeightedAverage
+from hf_soups.methods.dare import DARETIES, DARELinear
+from hf_soups.methods.fisher import FisherAverage, compute_fisher
+from hf_soups.methods.model_stock import ModelStock
+from hf_soups.methods.task_arithmetic import TaskArithmetic
+from hf_soups.methods.ties import TIES
+
+METHODS: dict[str, type[MergeMethod]] = {
+    method.name: method
+    for method in (
+        WeightedAverage,
+        TaskArithmetic,
+        TIES,
+        DARELinear,
+        DARETIES,
+        ModelStock,
+        FisherAverage,
+    )
+}
+
+
+def get_method(name: str, **params) -> MergeMethod:
+    """Build the method registered as ``name`` (a key of :data:`METHODS`) with ``params``.
+
+    Raises:
+        ValueError: the name is unknown, or a parameter is not one the method takes (the message
+            lists the ones it does).
+    """
+    try:
+        method = METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}"
+        ) from None
+    signature = inspect.signature(method)
+    try:
+        signature.bind(**params)
+    except TypeError as error:
+        accepted = ", ".join(signature.parameters) or "none"
+        raise ValueError(f"method {name!r}: {error} (its parameters: {accepted})") from None
+    return method(**params)
+
+
+__all__ = [
+    "DARELinear",
+    "DARETIES",
+    "METHODS",
+    "FisherAverage",
+    "MergeMethod",
+    "ModelStock",
+    "TIES",
+    "TaskArithmetic",
+    "TensorLoader",
+    "WeightedAverage",
+    "compute_fisher",
+    "get_method",
+]

@@ -1,0 +1,87 @@
+"""The interface every merge rule implements, and the weighted average all soups use.
+
+A merge method is a small function from the ingredients' tensors of one name (and the base's)
+to one output tensor; the streaming engine in :mod:`hf_soups.merge` runs it tensor by tensor.
+Tensors arrive as loaders (callables) so a weighted sum holds one input tensor at a time, while a
+method that needs all of them at once (TIES, Model Stock, ...) simply calls every loader.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hf_soups.errors import InvalidWeightsError
+
+TensorLoader = Callable[[], torch.Tensor]
+
+
+class MergeMethod(ABC):
+    """A rule combining the ingredients' float32 tensors of one name into one tensor."""
+
+    name: str
+    needs_base: bool = False
+    citation: str | None = None
+
+    @abstractmethod
+    def merge_tensor(
+        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+    ) -> torch.Tensor:
+        """Return the merged float32 tensor ``name`` from loaders of the ingredients' tensors."""
+
+    @abstractmethod
+    def parameters(self) -> dict:
+        """The method's parameters, recorded in the recipe and the model card."""
+
+    def check(self, num_ingredients: int) -> None:  # noqa: B027 - optional hook
+        """Validate the method's parameters against the number of ingredients."""
+
+
+def check_weights(weights: Sequence[float], num_ingredients: int) -> list[float]:
+    """Validate mixing weights: one finite number per ingredient."""
+    weights = [float(weight) for weight in weights]
+    if len(weights) != num_ingredients:
+        raise InvalidWeightsError(
+            f"weights: got {len(weights)} weights for {num_ingredients} ingredients"
+        )
+    bad = [weight for weight in weights if not math.isfinite(weight)]
+    if bad:
+        raise InvalidWeightsError(f"weights: {bad[0]} is not a finite number")
+    return weights
+
+
+class WeightedAverage(MergeMethod):
+    """``sum_i w_i * theta_i``: uniform soups (``w_i = 1/N``), weighted soups and WiSE-FT
+    interpolation (``(1 - alpha, alpha)``) are all this one rule.
+
+    The sum is accumulated in float32 with one input tensor in memory at a time.
+    """
+
+    name = "weighted_average"
+
+    def __init__(self, weights: Sequence[float]):
+        self.weights = [float(weight) for weight in weights]
+
+    def check(self, num_ingredients: int) -> None:
+        self.weights = check_weights(self.weights, num_ingredients)
+
+    def merge_tensor(
+        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+    ) -> torch.Tensor:
+        total = None
+        for weight, load in zip(self.weights, tensors):
+            if weight == 0.0:
+                continue
+            if total is None:
+                total = load().mul_(weight) if weight != 1.0 else load()
+            else:
+                total.add_(load(), alpha=weight)
+        if total is None:  # every weight is zero
+            return torch.zeros_like(tensors[0]())
+        return total
+
+    def parameters(self) -> dict:
+        return {"weights": self.weights}

@@ -1,0 +1,123 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+
+For each tensor, with task vectors ``tau_i = theta_i - theta_0``:
+
+1. **Trim**: keep the ``int(density * numel)`` largest magnitudes of each ``tau_i``, zero the
+   rest. Entries whose magnitude ties with the smallest kept one are kept too, as the paper's
+   threshold (``|tau| >= k-th largest``) does; ``int`` rounds down, as peft and mergekit do, so a
+   tensor with ``density * numel < 1`` is trimmed to zero.
+2. **Elect**: the sign of each parameter is the sign of the summed trimmed vectors (the paper's
+   "total mass" rule). A zero sum elects ``+``, as peft and mergekit do (the paper's code gives
+   such entries the tensor's majority sign instead); entries where every trimmed value is zero
+   get no contribution either way.
+3. **Disjoint merge**: average, per parameter, only the trimmed values whose sign agrees with the
+   elected one (zeros never count); ``theta = theta_0 + lambda * tau_merged``.
+
+Trimming is per tensor, as in peft and mergekit (the paper trims over the whole flattened model),
+which is what lets it stream. The elect and merge steps read each task vector twice, so memory
+stays at a few tensors whatever the number of ingredients, at the cost of reading every
+fine-tuned tensor twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hf_soups.errors import InvalidWeightsError
+from hf_soups.methods.base import MergeMethod, TensorLoader
+from hf_soups.methods.task_arithmetic import check_fraction, check_scaling, require_base
+
+TIES_CITATION = """@inproceedings{yadav2023ties,
+  title={{TIES}-Merging: Resolving Interference When Merging Models},
+  author={Yadav, Prateek and Tam, Derek and Choshen, Leshem and Raffel, Colin and Bansal, Mohit},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2023},
+  url={https://arxiv.org/abs/2306.01708}
+}"""
+
+
+def check_merged_scaling(method: str, scaling: float) -> float:
+    """Validate the ``lambda`` of TIES-style methods: one number, since it scales the single
+    merged task vector."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise InvalidWeightsError(
+            f"scaling: method {method!r} scales the merged task vector and takes one number, "
+            f"got {scaling!r}"
+        )
+    return check_scaling(scaling)
+
+
+def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ``int(density * numel)`` largest-magnitude entries of ``delta``
+    (in place); entries tied with the smallest kept magnitude are kept as well."""
+    if density >= 1.0:
+        return delta
+    keep = int(density * delta.numel())
+    if keep == 0:
+        return delta.zero_()
+    magnitude = delta.abs()
+    threshold = magnitude.view(-1).kthvalue(delta.numel() - keep + 1).values
+    return delta.masked_fill_(magnitude < threshold, 0.0)
+
+
+def elect_and_disjoint_merge(
+    sparse_delta: Callable[[int], torch.Tensor], num_ingredients: int
+) -> torch.Tensor:
+    """TIES steps 2 and 3 over the (already sparsified) task vectors ``sparse_delta(i)``.
+
+    ``sparse_delta`` is called twice per ingredient, once per pass, and must return the same
+    tensor both times: the first pass sums them to elect signs, the second averages the entries
+    that agree with the elected sign.
+    """
+    mass = sparse_delta(0)
+    for index in range(1, num_ingredients):
+        mass.add_(sparse_delta(index))
+    elected_positive = mass >= 0  # a zero sum elects +
+    del mass
+    total = None
+    agreeing = None
+    for index in range(num_ingredients):
+        delta = sparse_delta(index)
+        agrees = torch.where(elected_positive, delta > 0, delta < 0)
+        delta.masked_fill_(~agrees, 0.0)
+        if total is None:
+            total, agreeing = delta, agrees.to(torch.int32)
+        else:
+            total.add_(delta)
+            agreeing.add_(agrees)
+    return total.div_(agreeing.clamp_(min=1))
+
+
+class TIES(MergeMethod):
+    """TIES-Merging: ``theta_0 + lambda * disjoint_mean(elect(trim(tau_i)))``.
+
+    Args:
+        density: fraction of each task vector's entries kept by the trim step, in (0, 1]
+            (the paper's ``k``; it recommends 0.2, the top 20%).
+        scaling: ``lambda``, the scale of the merged task vector (the paper uses 1 when no
+            validation data is available).
+    """
+
+    name = "ties"
+    needs_base = True
+    citation = TIES_CITATION
+
+    def __init__(self, density: float = 0.2, scaling: float = 1.0):
+        self.density = check_fraction(density, "density", allow_zero=False, allow_one=True)
+        self.scaling = check_merged_scaling(self.name, scaling)
+
+    def merge_tensor(
+        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+    ) -> torch.Tensor:
+        base_tensor = require_base(self, base)()
+
+        def trimmed(index: int) -> torch.Tensor:
+            return magnitude_trim(tensors[index]().sub_(base_tensor), self.density)
+
+        merged = elect_and_disjoint_merge(trimmed, len(tensors))
+        return merged.mul_(self.scaling).add_(base_tensor)
+
+    def parameters(self) -> dict:
+        return {"density": self.density, "scaling": self.scaling, "sign_election": "total"}

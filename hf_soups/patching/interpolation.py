@@ -1,0 +1,220 @@
+"""WiSE-FT: ``theta(alpha) = (1 - alpha) * theta_zero_shot + alpha * theta_fine_tuned``.
+
+Interpolation is a weighted merge of two ingredients with weights ``(1 - alpha, alpha)``. It is
+run by the streaming engine of :mod:`hf_soups.merge` through :class:`Interpolation`, a
+:class:`~hf_soups.methods.base.MergeMethod` that differs from the plain weighted average in two
+exactness guarantees:
+
+- ``alpha = 0`` and ``alpha = 1`` give the two endpoints bit for bit;
+- a tensor that is identical in both endpoints is kept bit for bit. ``0.7 * x + 0.3 * x`` is not
+  always ``x`` in floating point, and PAINT relies on frozen parameters (the text tower, hence the
+  zero-shot heads built from it) being exactly those of the zero-shot model.
+
+For sweeps, :class:`Endpoints` reads both state dicts once and forms any ``alpha``'s weights in
+memory with the same arithmetic, so the swept model and the folder later written for the chosen
+``alpha`` are the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_soups.errors import InvalidWeightsError
+from hf_soups.ingredients import Ingredient, check_compatible
+from hf_soups.merge import RECIPE_FILE, IngredientLike, as_ingredients, merge, weighted_state_dict
+from hf_soups.methods.base import MergeMethod, TensorLoader
+from hf_soups.models import load_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Endpoints", "Interpolation", "interpolate", "wise_ft"]
+
+WISE_FT_CITATION = (
+    "Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022, arXiv:2109.01903"
+)
+
+
+def check_alpha(alpha: float) -> float:
+    """Return ``alpha`` as a float; refuse non-finite values, warn outside ``[0, 1]``."""
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise InvalidWeightsError(f"alpha: {alpha!r} is not a number") from None
+    if not math.isfinite(alpha):
+        raise InvalidWeightsError(f"alpha: {alpha} is not a finite number")
+    if not 0.0 <= alpha <= 1.0:
+        logger.warning("alpha=%g lies outside [0, 1]: extrapolating, not interpolating", alpha)
+    return alpha
+
+
+def interpolate(zero_shot: torch.Tensor, fine_tuned: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) * zero_shot + alpha * fine_tuned`` in float32, exact at the endpoints and
+    where both tensors are equal. The inputs are not modified."""
+    zero_shot, fine_tuned = zero_shot.float(), fine_tuned.float()
+    if alpha == 0.0 or torch.equal(zero_shot, fine_tuned):
+        return zero_shot.clone()
+    if alpha == 1.0:
+        return fine_tuned.clone()
+    return zero_shot.mul(1.0 - alpha).add_(fine_tuned.mul(alpha))
+
+
+class Interpolation(MergeMethod):
+    """WiSE-FT interpolation of two ingredients, ``[zero_shot, fine_tuned]``, as a merge method.
+
+    Recorded in ``soup.json`` as method ``"wise_ft"`` with parameters ``{"alpha": alpha}``.
+    """
+
+    name = "wise_ft"
+    citation = WISE_FT_CITATION
+
+    def __init__(self, alpha: float):
+        self.alpha = check_alpha(alpha)
+
+    def check(self, num_ingredients: int) -> None:
+        if num_ingredients != 2:
+            raise InvalidWeightsError(
+                f"WiSE-FT interpolates exactly two models (zero-shot, fine-tuned); got "
+                f"{num_ingredients}"
+            )
+
+    def merge_tensor(
+        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+    ) -> torch.Tensor:
+        zero_shot, fine_tuned = tensors
+        return interpolate(zero_shot(), fine_tuned(), self.alpha)
+
+    def parameters(self) -> dict:
+        return {"alpha": self.alpha}
+
+
+def _endpoints(zero_shot: IngredientLike, fine_tuned: IngredientLike) -> list[Ingredient]:
+    ingredients = as_ingredients([zero_shot, fine_tuned])
+    check_compatible(ingredients)
+    return ingredients
+
+
+def source_recipe(ingredient: Ingredient) -> dict | None:
+    """The ``soup.json`` of an ingredient that is itself a soup (a greedy soup as the fine-tuned
+    end of WiSE-FT), so the composed recipe keeps its whole history; ``None`` otherwise."""
+    file = ingredient.path / RECIPE_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        logger.warning("%s: unreadable %s, not recorded", ingredient.name, RECIPE_FILE)
+        return None
+
+
+def endpoint_records(zero_shot: Ingredient, fine_tuned: Ingredient) -> dict:
+    """The recipe fields naming the two endpoints (and the recipes of soups among them)."""
+    record = {"zero_shot": zero_shot.record(), "fine_tuned": fine_tuned.record()}
+    for key, ingredient in (("zero_shot", zero_shot), ("fine_tuned", fine_tuned)):
+        nested = source_recipe(ingredient)
+        if nested is not None:
+            record[key]["recipe"] = nested
+    return record
+
+
+def wise_ft(
+    zero_shot: IngredientLike,
+    fine_tuned: IngredientLike,
+    alpha: float = 0.5,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    recipe: dict | None = None,
+    progress: bool = True,
+    **merge_kwargs,
+) -> nn.Module | Path:
+    """Interpolate a zero-shot and a fine-tuned model (WiSE-FT, PAINT).
+
+    Every tensor is interpolated, a CLIP classifier's head included (it is an ordinary tensor of
+    the folder). Either end may be any compatible folder or Hub id, a soup written by
+    ``Soup.save_pretrained`` included (the model soups paper interpolates a greedy soup with the
+    zero-shot model this way).
+
+    Args:
+        zero_shot: the model before fine-tuning (``alpha = 0``).
+        fine_tuned: the fine-tuned model (``alpha = 1``).
+        alpha: mixing coefficient; 0.5 is the WiSE-FT paper's default.
+        out_dir: write a model folder there (streaming, through :func:`hf_soups.merge.merge`)
+            and return its path; when ``None``, return the interpolated model in memory.
+        dtype: dtype of the floating tensors (default: the zero-shot model's).
+        recipe: extra fields for ``soup.json``.
+        progress: show a progress bar while writing.
+        **merge_kwargs: passed to :func:`~hf_soups.merge.merge` (``overwrite``,
+            ``max_shard_size``, ``allow_non_finite``) or, in memory, to
+            :func:`~hf_soups.merge.weighted_state_dict` (``allow_non_finite``).
+
+    Returns:
+        The output folder, or the model (from :func:`hf_soups.models.load_model`, in eval mode).
+
+    Raises:
+        IncompatibleIngredientsError: the models differ in architecture, tensor names or shapes.
+    """
+    ingredients = _endpoints(zero_shot, fine_tuned)
+    method = Interpolation(alpha)
+    if out_dir is None:
+        state_dict = weighted_state_dict(ingredients, method=method, dtype=dtype, **merge_kwargs)
+        return load_model(ingredients[0].path, state_dict=state_dict)
+    record = endpoint_records(*ingredients)
+    record.update(recipe or {})
+    return merge(
+        ingredients,
+        out_dir,
+        method=method,
+        dtype=dtype,
+        recipe=record,
+        progress=progress,
+        **merge_kwargs,
+    )
+
+
+class Endpoints:
+    """Both ends of an interpolation held in memory, to form many ``alpha``'s weights cheaply.
+
+    The two state dicts are read once (two models in memory); :meth:`state_dict` then costs
+    one pass of tensor arithmetic per ``alpha``, with the arithmetic of :class:`Interpolation`.
+    """
+
+    def __init__(self, zero_shot: IngredientLike, fine_tuned: IngredientLike):
+        self.zero_shot, self.fine_tuned = _endpoints(zero_shot, fine_tuned)
+        self._theta_0 = self.zero_shot.state_dict()
+        self._theta_1 = self.fine_tuned.state_dict()
+        self.changed = frozenset(
+            name
+            for name, tensor in self._theta_0.items()
+            if not torch.equal(tensor.float(), self._theta_1[name].float())
+        )
+        """Names of the tensors that differ between the endpoints; all others stay fixed."""
+        logger.info(
+            "%d of %d tensors differ between %s and %s",
+            len(self.changed),
+            len(self._theta_0),
+            self.zero_shot.name,
+            self.fine_tuned.name,
+        )
+
+    def state_dict(self, alpha: float) -> dict[str, torch.Tensor]:
+        """The interpolated state dict, keyed as on disk, in the zero-shot model's dtypes.
+
+        Non-floating tensors (position ids, counters) are the zero-shot model's, as in a merge.
+        """
+        alpha = check_alpha(alpha)
+        merged = {}
+        for name, theta_0 in self._theta_0.items():
+            if not theta_0.is_floating_point() or name not in self.changed:
+                # A copy: loading may alias the given tensors, and PAINT swaps heads in place.
+                merged[name] = theta_0.clone()
+                continue
+            merged[name] = interpolate(theta_0, self._theta_1[name], alpha).to(theta_0.dtype)
+        return merged

@@ -1,0 +1,42 @@
+"""Results tables: every model's score on every eval set, with its 95% interval."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def format_score(entry: Mapping) -> str:
+    """``"91.20 [89.29, 92.79]"`` (percent) from an ``EvalResult.to_dict()``-like entry."""
+    score = entry.get("score")
+    if score is None:
+        return "-"
+    metric = entry.get("primary_metric")
+    interval = (entry.get("intervals") or {}).get(metric) if metric else None
+    text = f"{100 * score:.2f}"
+    if interval:
+        text += f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+    return text
+
+
+def results_table(
+    scores: Mapping[str, Mapping[str, Mapping]],
+    *,
+    cost: Mapping[str, str | int] | None = None,
+) -> str:
+    """A markdown table: one row per model, one column per eval set (percent, 95% interval).
+
+    Args:
+        scores: model name -> eval set name -> ``EvalResult.to_dict()`` (or ``{"score": x}``).
+        cost: optional inference cost per model (for example 1 for a soup, N for an ensemble).
+    """
+    eval_sets: list[str] = []
+    for per_set in scores.values():
+        eval_sets.extend(name for name in per_set if name not in eval_sets)
+    header = ["model", *eval_sets, *(["inference cost"] if cost else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, per_set in scores.items():
+        row = [model, *(format_score(per_set.get(name, {})) for name in eval_sets)]
+        if cost:
+            row.append(f"{cost.get(model, '')}x" if model in cost else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,497 @@
+"""Model cards: rendered from soup.json alone, parsed back with huggingface_hub's own parsers.
+
+Recipes are written by hand here in the forms the soup builder and the WiSE-FT/PAINT code
+record, so every expected value comes from the recipe the test built, not from hf_soups. Two
+tests run the real builders on tiny models and rebuild the weights with the card's command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+import torch
+from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from safetensors.torch import load_file
+from tiny import make_vit_folder
+
+from hf_soups.cards import write_card
+from hf_soups.cli import build_parser, main
+
+ZS = {"source": "acme/clip-zero-shot", "revision": "a" * 40}
+FT = {"source": "acme/clip-finetuned", "revision": "b" * 40}
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def cell(value: float, interval) -> str:
+    return f"{pct(value)} ({pct(interval[0])}–{pct(interval[1])})"
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Cells of every markdown table row in ``text`` (header and separator rows skipped)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return [row for row in rows if row[0] not in {"#", "Model", "Step", "α", "Role"}]
+
+
+def fenced(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)\n```", text, flags=re.S)
+
+
+def eval_result(acc: float, n: int = 1000, half: float = 0.02) -> dict:
+    """A score entry as ``EvalResult.to_dict`` writes it."""
+    return {
+        "name": "x",
+        "n": n,
+        "metrics": {"accuracy": acc},
+        "primary_metric": "accuracy",
+        "score": acc,
+        "confidence": 0.95,
+        "intervals": {"accuracy": [acc - half, acc + half / 2]},
+    }
+
+
+def name_of(record: dict) -> str:
+    return f"{record['source']}@{record['revision'][:10]}"
+
+
+def greedy_recipe() -> dict:
+    candidates = [{"source": f"acme/ft-lr{i}", "revision": f"{i}" * 40} for i in range(4)]
+    names = [name_of(r) for r in candidates]
+    own = {"validation": [0.91, 0.86, 0.9, 0.88], "test": [0.9, 0.85, 0.885, 0.87]}
+    kept = [0, 2, 3]
+    scores = {name: {s: eval_result(own[s][i]) for s in own} for i, name in enumerate(names)}
+    scores["ensemble"] = {"test": eval_result(0.93)}
+    scores["uniform soup"] = {"validation": eval_result(0.905), "test": eval_result(0.897)}
+    scores["greedy soup"] = {"validation": eval_result(0.925), "test": eval_result(0.912)}
+    order = [0, 2, 3, 1]
+    soup_scores = {0: 0.91, 2: 0.92, 3: 0.925, 1: 0.915}
+    return {
+        "library": "hf_soups 0.1.0",
+        "method": "weighted_average",
+        "parameters": {"weights": [1 / 3] * 3},
+        "citation": None,
+        "ingredients": [candidates[i] for i in kept],
+        "base": None,
+        "dtype": None,
+        "soup": {
+            "method": "greedy",
+            "weights": [1 / 3] * 3,
+            "metric": "accuracy",
+            "held_out": "validation",
+            "candidates": candidates,
+            "greedy_trace": [
+                {
+                    "ingredient": names[i],
+                    "individual_score": own["validation"][i],
+                    "soup_score": soup_scores[i],
+                    "kept": i in kept,
+                    "reason": "best individual" if i == 0 else "gain",
+                }
+                for i in order
+            ],
+        },
+        "scores": scores,
+        "datasets": ["ylecun/mnist"],
+        "comparisons": [{"verdict": "greedy soup vs best: +1.2 points: within noise"}],
+    }
+
+
+def write_folder(tmp_path, recipe: dict, config: dict | None = None, name: str = "my-soup"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "soup.json").write_text(json.dumps(recipe, indent=2))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def expected_results(recipe: dict) -> set[tuple]:
+    """(eval set, metric, value, metric name) for every score of ``recipe["scores"]``."""
+    expected = set()
+    for model, per_set in recipe["scores"].items():
+        for eval_set, entry in per_set.items():
+            for metric, value in entry["metrics"].items():
+                expected.add((eval_set, metric, value, f"{metric} ({model})"))
+    return expected
+
+
+def parsed_results(readme) -> set[tuple]:
+    name, results = model_index_to_eval_results(metadata_load(readme)["model-index"])
+    assert name
+    return {(r.dataset_name, r.metric_type, r.metric_value, r.metric_name) for r in results}
+
+
+def test_greedy_soup_card(tmp_path):
+    recipe = greedy_recipe()
+    folder = write_folder(tmp_path, recipe, {"architectures": ["CLIPZeroShotClassifier"]})
+    readme = write_card(folder)
+    assert readme == folder / "README.md"
+
+    card = ModelCard.load(readme)  # huggingface_hub parses metadata and model-index strictly
+    data = card.data
+    assert data.base_model == [c["source"] for c in recipe["ingredients"]]
+    assert data.base_model_relation == "merge"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-classification"
+    assert {"model-soup", "merge", "hf-soups"} <= set(data.tags)
+    assert "wise-ft" not in data.tags
+    assert data.datasets == ["ylecun/mnist"]
+    assert data.model_name == "my-soup"
+    assert parsed_results(readme) == expected_results(recipe)
+    assert len(data.eval_results) == len(expected_results(recipe))
+
+    text = card.text
+    assert "arXiv:2203.05482" in text
+    kept = {c["source"] for c in recipe["ingredients"]}
+    rows = {row[1]: row for row in table_rows(section(text, "Ingredients").split("###")[0])}
+    assert len(rows) == len(recipe["soup"]["candidates"])
+    for candidate in recipe["soup"]["candidates"]:
+        name = name_of(candidate)
+        (row,) = [r for key, r in rows.items() if name in key]
+        assert row[2] == candidate["revision"]
+        assert row[3] == (f"{1 / 3:.4g}" if candidate["source"] in kept else "0")
+        own = recipe["scores"][name]["validation"]
+        assert row[4] == cell(own["metrics"]["accuracy"], own["intervals"]["accuracy"])
+        assert row[5] == ("yes" if candidate["source"] in kept else "no")
+
+    trace_rows = table_rows(section(text, "Ingredients").split("### Greedy selection")[1])
+    assert [row[1].strip("`") for row in trace_rows] == [
+        t["ingredient"] for t in recipe["soup"]["greedy_trace"]
+    ]
+    assert [row[4] for row in trace_rows] == [
+        "yes" if t["kept"] else "no" for t in recipe["soup"]["greedy_trace"]
+    ]
+
+    results = section(text, "Results")
+    result_rows = {
+        row[0].strip("*").removesuffix(" (this model)"): row for row in table_rows(results)
+    }
+    assert set(result_rows) == set(recipe["scores"])
+    assert result_rows["greedy soup"][0] == "**greedy soup (this model)**"
+    header = next(line for line in results.splitlines() if line.startswith("| Model"))
+    columns = [c.strip().split(" (n=")[0] for c in header.split("|")[2:-1]]
+    for model, per_set in recipe["scores"].items():
+        for eval_set, entry in per_set.items():
+            got = result_rows[model][1 + columns.index(eval_set)]
+            assert got == cell(entry["metrics"]["accuracy"], entry["intervals"]["accuracy"])
+    assert recipe["comparisons"][0]["verdict"] in results
+
+    reproduce = section(text, "Reproduce")
+    (recipe_json,) = fenced(reproduce, "json")
+    assert json.loads(recipe_json) == recipe
+    (command,) = fenced(reproduce, "bash")
+    words = shlex.split(command)
+    args = build_parser().parse_args(words[1:])
+    assert words[0] == "hf-soups" and args.command == "merge"
+    assert args.sources == [f"{c['source']}@{c['revision']}" for c in recipe["ingredients"]]
+    assert [float(w) for w in args.weights.split(",")] == recipe["parameters"]["weights"]
+
+
+def sweep_recipe(kind: str = "wise_ft") -> dict:
+    """What ``PatchResult.save_pretrained`` records: dict-form sweep with EvalResult summaries."""
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    curves = {"validation": [0.7, 0.8, 0.86, 0.88, 0.89], "rotated": [0.6, 0.64, 0.63, 0.58, 0.5]}
+    results = {s: [eval_result(v, n=500) for v in values] for s, values in curves.items()}
+    chosen = 0.5
+    by_alpha = {a: {s: results[s][i] for s in curves} for i, a in enumerate(alphas)}
+    return {
+        "library": "hf_soups 0.1.0",
+        "method": "wise_ft",
+        "parameters": {"alpha": chosen},
+        "citation": "Wortsman et al., Robust fine-tuning of zero-shot models",
+        "ingredients": [ZS, FT],
+        "base": None,
+        "dtype": None,
+        "zero_shot": ZS,
+        "fine_tuned": FT,
+        "kind": kind,
+        "chosen_alpha": chosen,
+        "selection": {"alpha": chosen, "description": "alpha=0.5 maximises the mean score"},
+        "chosen_scores": {s: curves[s][2] for s in curves},
+        "scores": {
+            "WiSE-FT alpha=0.5": by_alpha[0.5],
+            "zero-shot": by_alpha[0.0],
+            "fine-tuned": by_alpha[1.0],
+        },
+        "sweep": {
+            "zero_shot": name_of(ZS),
+            "fine_tuned": name_of(FT),
+            "alphas": alphas,
+            "scores": curves,
+            "results": results,
+        },
+        "plots": ["wise_ft_sweep.png", "not_there.png"],
+    }
+
+
+def test_wise_ft_card_with_sweep(tmp_path):
+    recipe = sweep_recipe()
+    folder = tmp_path / "wise"
+    folder.mkdir()
+    (folder / "soup.json").write_text(json.dumps(recipe))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 8}}))
+    (folder / "wise_ft_sweep.png").write_bytes(b"\x89PNG\r\n")
+
+    card = ModelCard.load(write_card(folder))
+    data = card.data
+    assert data.base_model == [ZS["source"], FT["source"]]
+    assert data.base_model_relation == "merge"
+    assert data.library_name == "open_clip"
+    assert data.pipeline_tag == "zero-shot-image-classification"
+    assert {"wise-ft", "merge", "hf-soups"} <= set(data.tags)
+    assert "model-soup" not in data.tags and "paint" not in data.tags
+    # Every alpha on every eval set is in the model-index.
+    got = parsed_results(folder / "README.md")
+    sweep = recipe["sweep"]
+    for eval_set, entries in sweep["results"].items():
+        for alpha, entry in zip(sweep["alphas"], entries):
+            value = entry["metrics"]["accuracy"]
+            assert (eval_set, "accuracy", value, f"accuracy (alpha={alpha:g})") in got
+
+    text = card.text
+    assert "arXiv:2109.01903" in text
+    sweep_rows = table_rows(section(text, "Mixing coefficient sweep"))
+    assert [row[0] for row in sweep_rows] == ["0", "0.25", "**0.5** (chosen)", "0.75", "1"]
+    for row, i in zip(sweep_rows, range(len(sweep["alphas"]))):
+        for column, eval_set in enumerate(sweep["results"], start=1):
+            entry = sweep["results"][eval_set][i]
+            assert row[column] == cell(entry["metrics"]["accuracy"], entry["intervals"]["accuracy"])
+    assert recipe["selection"]["description"] in text
+    ends = {row[0]: row for row in table_rows(section(text, "Interpolated models"))}
+    assert ends["zero-shot (α = 0)"][2] == ZS["revision"] and ends["zero-shot (α = 0)"][3] == "0.5"
+    assert ends["fine-tuned (α = 1)"][2] == FT["revision"]
+    assert name_of(ZS) in ends["zero-shot (α = 0)"][1]
+    for model in recipe["scores"]:
+        assert model in section(text, "Results")
+    assert "](wise_ft_sweep.png)" in text and "not_there.png)" not in text
+
+    (command,) = fenced(section(text, "Reproduce"), "bash")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.command == "wise-ft" and args.alpha == recipe["chosen_alpha"]
+    assert args.zero_shot == f"{ZS['source']}@{ZS['revision']}"
+    assert args.fine_tuned == f"{FT['source']}@{FT['revision']}"
+
+
+def test_paint_card_from_a_list_form_sweep(tmp_path):
+    """PAINT, and the flat score form ``{metric: v, "interval": [...], "n": n}``."""
+    sweep = [
+        {
+            "alpha": alpha,
+            "scores": {
+                "supported": {"accuracy": 0.8 - 0.1 * alpha, "interval": [0.7, 0.85], "n": 200},
+                "patch task": {"accuracy": 0.3 + 0.6 * alpha, "interval": [0.2, 0.95], "n": 200},
+            },
+        }
+        for alpha in (0.0, 0.4, 1.0)
+    ]
+    recipe = {
+        "method": "paint",
+        "parameters": {"alpha": 0.4},
+        "ingredients": [ZS, FT],
+        "zero_shot": ZS,
+        "fine_tuned": FT,
+        "sweep": sweep,
+        "chosen_alpha": 0.4,
+    }
+    folder = write_folder(tmp_path, recipe, {"architectures": ["CLIPModel"]})
+    card = ModelCard.load(write_card(folder))
+    assert {"paint", "wise-ft", "model-patching"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert "arXiv:2208.05592" in card.text
+    got = parsed_results(folder / "README.md")
+    for point in sweep:
+        for eval_set, entry in point["scores"].items():
+            name = f"accuracy (alpha={point['alpha']:g})"
+            assert (eval_set, "accuracy", entry["accuracy"], name) in got
+    rows = table_rows(section(card.text, "Mixing coefficient sweep"))
+    assert rows[1][0] == "**0.4** (chosen)"
+    assert rows[1][2] == cell(0.3 + 0.6 * 0.4, [0.2, 0.95])
+
+
+def test_minimal_recipe_with_local_ingredients(tmp_path):
+    """Only what ``merge`` writes, local folders: no base_model, no model-index, still a card."""
+    recipe = {
+        "library": "hf_soups 0.1.0",
+        "method": "weighted_average",
+        "parameters": {"weights": [0.25, 0.75]},
+        "citation": None,
+        "ingredients": [
+            {"source": "/data/run one", "revision": None},
+            {"source": "/data/run2", "revision": None},
+        ],
+        "base": None,
+        "dtype": "bfloat16",
+    }
+    folder = write_folder(tmp_path, recipe)
+    card = ModelCard.load(write_card(folder))
+    metadata = metadata_load(folder / "README.md")
+    assert "base_model" not in metadata and "base_model_relation" not in metadata
+    assert "model-index" not in metadata
+    assert card.data.library_name is None
+    assert {"merge", "hf-soups"} <= set(card.data.tags)
+    assert "No scores were recorded" in card.text
+    rows = table_rows(section(card.text, "Ingredients"))
+    assert [row[1].strip("`") for row in rows] == ["/data/run one", "/data/run2"]
+    assert [row[3] for row in rows] == ["0.25", "0.75"]
+    (command,) = fenced(section(card.text, "Reproduce"), "bash")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.sources == ["/data/run one", "/data/run2"] and args.dtype == "bfloat16"
+    assert args.weights == "0.25,0.75"
+
+
+def test_other_methods_cite_the_recorded_paper(tmp_path):
+    recipe = {
+        "method": "ties",
+        "parameters": {"density": 0.2},
+        "citation": "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv:2306.01708",
+        "ingredients": [FT, {"source": "acme/other", "revision": "c" * 40}],
+        "base": ZS,
+    }
+    card = ModelCard.load(write_card(write_folder(tmp_path, recipe)))
+    assert recipe["citation"] in card.text and "2203.05482" not in card.text
+    assert card.data.base_model == [FT["source"], "acme/other", ZS["source"]]
+    assert "ties" in card.data.tags
+
+
+def test_eval_sets_made_from_one_split_stay_apart(tmp_path):
+    """Shifted copies of one test split share a dataset id and split; huggingface_hub groups
+    results by those, so each set must still come back under its own name."""
+    recipe = greedy_recipe()
+    recipe["eval_sets"] = {
+        "test": {"dataset": "ylecun/mnist", "split": "test"},
+        "validation": {"dataset": "ylecun/mnist", "split": "test"},
+    }
+    folder = write_folder(tmp_path, recipe)
+    write_card(folder)
+    assert parsed_results(folder / "README.md") == expected_results(recipe)
+    _, results = model_index_to_eval_results(metadata_load(folder / "README.md")["model-index"])
+    assert {(r.dataset_type, r.dataset_split) for r in results} == {("ylecun/mnist", "test")}
+
+
+def test_card_command(tmp_path, capsys):
+    folder = write_folder(
+        tmp_path, greedy_recipe(), {"architectures": ["ViTForImageClassification"]}
+    )
+    assert main(["card", str(folder), "--model-name", "acme/greedy"]) == 0
+    written = (folder / "README.md").read_text()
+    assert ModelCard.load(folder / "README.md").data.model_name == "acme/greedy"
+    assert str(folder / "README.md") in capsys.readouterr().out
+    (folder / "README.md").unlink()
+    write_card(folder, model_name="acme/greedy")
+    assert (folder / "README.md").read_text() == written
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["card", str(empty)]) == 2
+    assert "soup.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def vit_pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vit_pool")
+    return [make_vit_folder(root / f"ft{i}", seed=i) for i in range(3)]
+
+
+def weights_of(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_real_greedy_soup_card_rebuilds_the_soup(vit_pool, tmp_path):
+    """A greedy soup from the real builder: the card lists every candidate and score, and its
+    command rebuilds the same weights through the CLI."""
+    from hf_soups.soup import SoupBuilder
+
+    target = weights_of(vit_pool[0])
+
+    def score(model):  # minus the distance to ft0: greedy keeps ft0 and drops the others
+        state = model.state_dict()
+        return -sum(float((state[k] - target[k]).pow(2).sum()) for k in target if k in state)
+
+    soup = SoupBuilder.from_pretrained([str(f) for f in vit_pool]).greedy(score)
+    folder = soup.save_pretrained(tmp_path / "greedy", progress=False)
+    recipe = json.loads((folder / "soup.json").read_text())
+    card = ModelCard.load(write_card(folder))
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-classification"
+    assert "model-soup" in card.data.tags
+    ingredients_text = section(card.text, "Ingredients")
+    for entry in recipe["soup"]["greedy_trace"]:
+        assert entry["ingredient"] in ingredients_text
+    got = parsed_results(folder / "README.md")
+    for model, per_set in recipe["scores"].items():
+        for eval_set, entry in per_set.items():
+            assert any(r[0] == eval_set and r[2] == entry["score"] and model in r[3] for r in got)
+
+    (command,) = fenced(section(card.text, "Reproduce"), "bash")
+    words = shlex.split(command)
+    out = tmp_path / "rebuilt"
+    assert main(["-q", *words[1 : words.index("--out")], "--out", str(out)]) == 0
+    rebuilt, original = weights_of(out), weights_of(folder)
+    assert rebuilt.keys() == original.keys()
+    for name in original:
+        assert torch.equal(rebuilt[name], original[name]), name
+
+
+def test_real_wise_ft_card_rebuilds_the_model(vit_pool, tmp_path):
+    """A WiSE-FT sweep from the real patching code: every alpha is in the model-index, the plot
+    is linked, and the card's ``hf-soups wise-ft`` command rebuilds the same bits."""
+    from hf_soups.patching import choose_wise_ft
+
+    zero_shot, fine_tuned = vit_pool[0], vit_pool[1]
+    target = weights_of(fine_tuned)
+
+    def closeness(model):  # peaks at the fine-tuned end: higher alpha scores higher
+        state = model.state_dict()
+        return -sum(float((state[k] - target[k]).abs().sum()) for k in target if k in state)
+
+    def shifted(model):  # peaks at the zero-shot end
+        return -closeness(model)
+
+    result = choose_wise_ft(
+        str(zero_shot),
+        str(fine_tuned),
+        in_distribution={"id": closeness},
+        shifted={"shift": shifted},
+        alphas=[0.0, 0.5, 1.0],
+        progress=False,
+    )
+    folder = result.save_pretrained(tmp_path / "wise", progress=False)
+    recipe = json.loads((folder / "soup.json").read_text())
+    card = ModelCard.load(write_card(folder))
+    assert "wise-ft" in card.data.tags and card.data.base_model is None  # local ends
+    got = parsed_results(folder / "README.md")
+    for eval_set, values in recipe["sweep"]["scores"].items():
+        for alpha, value in zip(recipe["sweep"]["alphas"], values):
+            assert any(
+                r[0] == eval_set and r[2] == value and f"alpha={alpha:g}" in r[3] for r in got
+            )
+    for plot in recipe["plots"]:
+        assert f"]({plot})" in card.text
+    rows = table_rows(section(card.text, "Mixing coefficient sweep"))
+    assert [r[0] for r in rows if "(chosen)" in r[0]] == [
+        f"**{recipe['chosen_alpha']:g}** (chosen)"
+    ]
+
+    (command,) = fenced(section(card.text, "Reproduce"), "bash")
+    words = shlex.split(command)
+    out = tmp_path / "rebuilt"
+    assert main(["-q", *words[1 : words.index("--out")], "--out", str(out)]) == 0
+    rebuilt, original = weights_of(out), weights_of(folder)
+    assert rebuilt.keys() == original.keys()
+    for name in original:
+        assert torch.equal(rebuilt[name], original[name]), name
