@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -90,16 +89,27 @@ def make_fisher_dirs(ingredient_dirs: Sequence[Path], root: Path, *, seed: int =
     return folders
 
 
+def _memory(field: str) -> int:
+    # /proc rather than getrusage: ru_maxrss survives exec, so a child started by a big parent
+    # would report the parent's peak.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _child(spec: dict) -> None:
     from hf_soups.merge import merge
     from hf_soups.methods import get_method
 
-    import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    import_rss = _memory("VmRSS")
     method = get_method(spec["method"], **spec["params"])
     start = time.perf_counter()
     merge(spec["ingredients"], spec["out"], method=method, base=spec["base"], progress=False)
     wall = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = _memory("VmHWM")
     print(json.dumps({"wall_s": wall, "peak_rss": peak_rss, "import_rss": import_rss}))
 
 
@@ -108,14 +118,18 @@ def run_method_rows(
     base_dir: str | os.PathLike,
     out_root: str | os.PathLike,
     methods: dict[str, dict] | None = None,
+    *,
+    threads: int | None = None,
 ) -> list[dict]:
     """Merge ``ingredient_dirs`` once per method, each in a fresh subprocess; return one row per
     method: ``method``, ``n_ingredients``, ``input_mib`` (one ingredient's weights),
-    ``wall_s`` (the merge alone), ``import_rss_mib`` (after importing hf_soups) and
-    ``peak_rss_mib`` (the whole process).
+    ``wall_s`` (the merge alone), ``import_rss_mib`` (after importing hf_soups),
+    ``peak_rss_mib`` (the whole process) and ``merge_growth_mib`` (the difference).
 
     ``methods`` maps method names to their parameters (default :data:`DEFAULT_METHODS`); Fisher
-    folders for ``"fisher"`` are generated under ``out_root``. Outputs are deleted after each run.
+    folders for ``"fisher"`` are generated under ``out_root``. ``threads`` sets torch's thread
+    count in the children (on a loaded machine, 1 avoids threads waiting on each other). Outputs
+    are deleted after each run.
     """
     ingredient_dirs = [str(d) for d in ingredient_dirs]
     out_root = Path(out_root)
@@ -139,6 +153,7 @@ def run_method_rows(
             "ingredients": ingredient_dirs,
             "base": None if name in _NEEDS_NO_BASE else str(base_dir),
             "out": str(out),
+            "threads": threads,
         }
         result = subprocess.run(
             [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -158,6 +173,7 @@ def run_method_rows(
                 "wall_s": round(measured["wall_s"], 2),
                 "import_rss_mib": _mib(measured["import_rss"]),
                 "peak_rss_mib": _mib(measured["peak_rss"]),
+                "merge_growth_mib": _mib(measured["peak_rss"] - measured["import_rss"]),
             }
         )
     return rows
@@ -176,6 +192,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 8], help="values of N")
     parser.add_argument("--megabytes", type=float, default=32, help="size of each checkpoint")
     parser.add_argument("--root", type=Path, help="work folder (default: a temporary one)")
+    parser.add_argument("--threads", type=int, help="torch threads per merge (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     if args.child:
@@ -188,7 +205,7 @@ def main() -> None:
         )
         rows = []
         for n in args.sizes:
-            rows += run_method_rows(ingredients[:n], base, root / "runs")
+            rows += run_method_rows(ingredients[:n], base, root / "runs", threads=args.threads)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -13,7 +13,7 @@ import sys
 
 from hf_soups.errors import HfSoupsError
 
-COMMANDS = ["merge", "wise-ft", "patch", "push", "card"]
+COMMANDS = ["demo", "merge", "soup", "wise-ft", "patch", "push", "card", "diagnose"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
+    IncompleteSnapshotError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -82,6 +83,9 @@ def resolve_source(
         ) from None
     except RevisionNotFoundError:
         raise IngredientNotFoundError(f"{source}: revision {revision!r} not found") from None
+    except IncompleteSnapshotError as error:
+        # A subclass of LocalEntryNotFoundError: the snapshot is cached but lacks wanted files.
+        raise IngredientNotFoundError(f"{source}: incomplete in the Hub cache ({error})") from None
     except LocalEntryNotFoundError:
         raise IngredientNotFoundError(
             f"{source}: not a local folder, and not in the Hub cache"

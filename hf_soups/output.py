@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,9 +63,10 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False) -> Ite
     target = check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
-    temporary = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}{_TEMPORARY_MARK}{os.getpid()}-", dir=target.parent)
-    )
+    unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary = target.parent / f".{target.name}{_TEMPORARY_MARK}{unique}"
+    # Not tempfile.mkdtemp: its mode 0o700 would stay on the finished folder; mkdir honours umask.
+    temporary.mkdir()
     try:
         yield temporary
         check_output_dir(target, overwrite)  # something may have appeared meanwhile

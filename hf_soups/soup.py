@@ -21,10 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_soups.errors import HfSoupsError, InvalidWeightsError
+from hf_soups.errors import HfSoupsError, InvalidWeightsError, MissingBaseError
 from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import INGREDIENT_METADATA_FILE, Ingredient, check_compatible
-from hf_soups.merge import RECIPE_FILE, build_recipe, copy_extra_files, merge, weighted_state_dict
+from hf_soups.merge import (
+    RECIPE_FILE,
+    IngredientLike,
+    as_ingredients,
+    build_recipe,
+    copy_extra_files,
+    merge,
+    weighted_state_dict,
+)
+from hf_soups.methods import get_method
 from hf_soups.methods.base import MergeMethod, WeightedAverage
 from hf_soups.models import load_model, save_model
 from hf_soups.output import atomic_output_dir
@@ -46,12 +55,16 @@ class Soup:
     Attributes:
         ingredients: the ingredients the soup is made of (only the kept ones for greedy).
         weights: one mixing weight per ingredient (for per-layer learned soups, the mean weight;
-            the per-tensor weights live in ``tensor_weights``).
+            the per-tensor weights live in ``tensor_weights``; empty for a merge method, whose
+            rule and parameters are ``merge_method``'s).
         method: ``"uniform"``, ``"greedy"``, ``"learned"``, ``"learned_by_layer"``, or the name
             of a merge method.
         scores: model name -> eval set name -> ``EvalResult.to_dict()``; every score measured by
             the builder so far (ingredients, other soups, the ensemble).
         details: method-specific record (greedy trace, learned coefficients, ...).
+        merge_method: the rule of a merge-method soup (TIES, Model Stock, ...); ``None`` for a
+            weighted average with ``weights``.
+        base: the pre-trained model the merge method works from, if it needs one.
     """
 
     ingredients: list[Ingredient]
@@ -76,7 +89,7 @@ class Soup:
             "soup": {
                 "method": self.method,
                 "weights": self.weights,
-                "citation": SOUPS_CITATION,
+                "citation": self.merge_method.citation if self.merge_method else SOUPS_CITATION,
                 **self.details,
             },
             "scores": self.scores,
@@ -226,6 +239,7 @@ class SoupBuilder:
         self._individual: dict[str, float] = {}
         self._individual_results: dict[str, EvalResult] = {}
         self._scored_with: tuple | None = None  # (evaluator, metric) of the individual scores
+        self._maximize = True
 
     @classmethod
     def from_hub(
@@ -282,6 +296,11 @@ class SoupBuilder:
             sources = [str(folder) for folder in found]
         return cls.from_hub(list(map(str, sources)), **kwargs)
 
+    @property
+    def individual_scores(self) -> dict[str, float]:
+        """Each ingredient's held-out score (after :meth:`score_ingredients` or a greedy soup)."""
+        return dict(self._individual)
+
     # -- scoring --------------------------------------------------------------------------
 
     def _record(self, model_name: str, eval_name: str, result: EvalResult | None, value: float):
@@ -300,7 +319,30 @@ class SoupBuilder:
                 self._individual_results[ingredient.name] = result
             self._record(ingredient.name, eval_name, result, value)
         self._scored_with = (evaluator, metric)
+        self._record_best_individual()
         return dict(self._individual)
+
+    def evaluate_ingredients(self, evaluators: Mapping[str, Evaluator]) -> None:
+        """Score every ingredient on named eval sets (for the report; choices never use them).
+
+        Loads one ingredient at a time. Once the held-out scores are known, the row
+        ``"best individual"`` repeats the scores of the ingredient best on held-out data.
+        """
+        for ingredient in self.ingredients:
+            model = load_model(ingredient)
+            for eval_name, evaluator in evaluators.items():
+                result = evaluator.evaluate(model, name=ingredient.name)
+                self._record(ingredient.name, eval_name, result, result.score)
+        self._record_best_individual()
+
+    def _record_best_individual(self) -> None:
+        if not self._individual:
+            return
+        sign = 1.0 if self._maximize else -1.0
+        best = max(self._individual, key=lambda name: sign * self._individual[name])
+        self.scores["best individual"] = {
+            eval_name: {**entry, "model": best} for eval_name, entry in self.scores[best].items()
+        }
 
     def ensemble(self, evaluator: Evaluator) -> EvalResult:
         """The logit ensemble of all ingredients: the paper's baseline, at N times the cost.
@@ -372,9 +414,11 @@ class SoupBuilder:
         if noise_aware and not isinstance(evaluator, Evaluator):
             raise ValueError("noise_aware=True needs an Evaluator (per-example predictions)")
         sign = 1.0 if maximize else -1.0
+        self._maximize = maximize
         eval_name = getattr(evaluator, "name", "held_out")
         if self._scored_with != (evaluator, metric):
             self.score_ingredients(evaluator, metric=metric)
+        self._record_best_individual()
         order = sorted(self.ingredients, key=lambda i: -sign * self._individual[i.name])
         best = order[0]
         kept = [best]
@@ -443,6 +487,51 @@ class SoupBuilder:
         )
         self._record(soup.name, eval_name, best_result, best_score)
         return soup
+
+    def merge_method(self, name: str, *, base: IngredientLike | None = None, **params) -> Soup:
+        """A soup made by a merge method of :data:`hf_soups.methods.METHODS` (``"ties"``,
+        ``"task_arithmetic"``, ``"dare_linear"``, ``"dare_ties"``, ``"model_stock"``,
+        ``"fisher"``), built with ``params`` by :func:`~hf_soups.methods.get_method`.
+
+        No held-out data is used. Saving the soup streams the method through the merge engine
+        and records the method, its parameters and its paper in ``soup.json``.
+
+        Args:
+            name: the method's registered name.
+            base: the pre-trained model the fine-tunes started from (an :class:`Ingredient`,
+                folder or Hub id); required by the methods that work on task vectors.
+            params: the method's parameters (``density=0.2``, ``scaling=1.0``, ``seed=0``...).
+
+        Raises:
+            ValueError: the name is unknown, a parameter is not one the method takes (the
+                message lists those it takes), or ``base`` is given to a method that has no use
+                for it.
+            MissingBaseError: the method needs ``base`` and none is given.
+        """
+        if name == WeightedAverage.name:
+            raise ValueError(f"method {name!r}: use SoupBuilder.uniform() or .weighted(weights)")
+        method = get_method(name, **params)
+        if method.needs_base and base is None:
+            raise MissingBaseError(f"method {name!r} needs base= (the pre-trained model)")
+        if base is not None and not method.needs_base:
+            raise ValueError(f"method {name!r} does not use a base model; drop base=")
+        method.check(len(self.ingredients))
+        base_ingredient = as_ingredients([base])[0] if base is not None else None
+        if base_ingredient is not None:
+            check_compatible([*self.ingredients, base_ingredient])
+        return self._soup(
+            self.ingredients,
+            [],
+            name,
+            merge_method=method,
+            base=base_ingredient,
+        )
+
+    def model_stock(self, base: IngredientLike) -> Soup:
+        """Model Stock (Jang et al., ECCV 2024): per tensor, interpolate between ``base`` and
+        the ingredients' mean with a ratio given by the angle between their deltas; a soup with
+        no held-out search (``merge_method("model_stock", base=base)``)."""
+        return self.merge_method("model_stock", base=base)
 
     def learned(self, dataset, *, by_layer: bool = False, **fit_kwargs) -> Soup:
         """The learned soup: mixing coefficients fitted by gradient on held-out data.

@@ -17,6 +17,7 @@ from tiny import (
     make_clip_folder,
     make_vit_folder,
     weighted_reference,
+    write_weights_folder,
 )
 
 from hf_soups.errors import (
@@ -86,8 +87,10 @@ def test_shape_mismatch(setup, tmp_path):
     a, _, outputs = setup
     four_labels = make_vit_folder(tmp_path / "four", seed=1, num_labels=4)
     fails_cleanly(
-        outputs, IncompatibleIngredientsError,
-        ["classifier.bias", "[4]", "[3]", four_labels], [a, four_labels],
+        outputs,
+        IncompatibleIngredientsError,
+        ["classifier.bias", "[4]", "[3]", four_labels],
+        [a, four_labels],
     )
 
 
@@ -155,10 +158,22 @@ def test_non_finite_weights_warn_when_allowed(setup, caplog):
     assert torch.isnan(merged.view(-1)[3]) and torch.isfinite(merged.view(-1)[:3]).all()
 
 
+def test_huge_finite_values_are_not_mistaken_for_non_finite(tmp_path):
+    # Their sum overflows float32, which must not be taken for an inf in the weights.
+    huge = torch.full((8,), 3e38)
+    folders = [write_weights_folder(tmp_path / f"in{i}", {"w": huge}) for i in range(2)]
+    out = merge(folders, tmp_path / "soup", progress=False)
+    assert torch.equal(load_file(out / "model.safetensors")["w"], huge)
+
+
 @pytest.mark.parametrize(
     "weights, fragment",
-    [([1.0], "got 1 weights for 2"), ([0.5, 0.2, 0.3], "got 3 weights for 2"),
-     ([math.nan, 0.5], "nan"), ([0.5, math.inf], "inf")],
+    [
+        ([1.0], "got 1 weights for 2"),
+        ([0.5, 0.2, 0.3], "got 3 weights for 2"),
+        ([math.nan, 0.5], "nan"),
+        ([0.5, math.inf], "inf"),
+    ],
 )
 def test_bad_mixing_weights(setup, weights, fragment):
     a, b, outputs = setup
@@ -170,7 +185,11 @@ def test_weights_and_method_together(setup):
 
     a, b, outputs = setup
     fails_cleanly(
-        outputs, ValueError, ["weights"], [a, b], weights=[0.5, 0.5],
+        outputs,
+        ValueError,
+        ["weights"],
+        [a, b],
+        weights=[0.5, 0.5],
         method=WeightedAverage([0.5, 0.5]),
     )
 
@@ -227,7 +246,9 @@ def test_code_running_pickle_is_refused_even_when_pickles_are_allowed(setup, tmp
     torch.save({"w": _RunsCode(marker)}, evil / "pytorch_model.bin")
     from hf_soups.ingredients import Ingredient
 
-    with pytest.raises(CorruptedCheckpointError, match="pytorch_model.bin.*cannot be loaded safely"):
+    with pytest.raises(
+        CorruptedCheckpointError, match="pytorch_model.bin.*cannot be loaded safely"
+    ):
         Ingredient.from_source(evil, allow_pickle=True)
     assert not marker.exists()
     assert os.listdir(outputs) == []

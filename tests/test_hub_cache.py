@@ -85,8 +85,12 @@ def test_repo_id_resolves_to_the_cached_main_commit(hub):
 
 @pytest.mark.parametrize(
     "source, kwargs",
-    [(f"org/vit@{OLD}", {}), ("org/vit@v1", {}), ("org/vit", {"revision": "v1"}),
-     ("org/vit", {"revision": OLD})],
+    [
+        (f"org/vit@{OLD}", {}),
+        ("org/vit@v1", {}),
+        ("org/vit", {"revision": "v1"}),
+        ("org/vit", {"revision": OLD}),
+    ],
 )
 def test_pinned_revision_resolves_to_its_commit(hub, source, kwargs):
     cache, _, old = hub
@@ -122,10 +126,12 @@ def test_default_hub_cache_is_honoured(hub, monkeypatch):
 
 @pytest.mark.parametrize(
     "source, fragments",
-    [("org/missing", ["org/missing", "not in the Hub cache"]),
-     ("org/vit@v9", ["org/vit@v9", "'v9'"]),
-     (f"org/vit@{'c' * 40}", [f"org/vit@{'c' * 40}"]),
-     ("not a repo id!", ["not a repo id!", "not a valid Hub repo id"])],
+    [
+        ("org/missing", ["org/missing", "not in the Hub cache"]),
+        ("org/vit@v9", ["org/vit@v9", "'v9'"]),
+        (f"org/vit@{'c' * 40}", [f"org/vit@{'c' * 40}"]),
+        ("not a repo id!", ["not a repo id!", "not a valid Hub repo id"]),
+    ],
 )
 def test_unresolvable_sources_name_the_source(hub, source, fragments):
     cache, _, _ = hub
@@ -149,12 +155,15 @@ def test_pickles_are_not_requested_unless_allowed(tmp_path):
     cache = tmp_path / "hub"
     folder = make_vit_folder(tmp_path / "vit", seed=0)
     cache_repo(
-        cache, "org/mixed", MAIN, sorted(folder.iterdir()),
+        cache,
+        "org/mixed",
+        MAIN,
+        sorted(folder.iterdir()),
         listed=["pytorch_model.bin", "tf_model.h5", "README.md"],
     )
     ingredient = Ingredient.from_source("org/mixed", cache_dir=cache)
     _same_weights(ingredient, folder)
-    with pytest.raises(IngredientNotFoundError, match="org/mixed"):
+    with pytest.raises(IngredientNotFoundError, match="org/mixed: incomplete.*pytorch_model.bin"):
         Ingredient.from_source("org/mixed", cache_dir=cache, allow_pickle=True)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import stat
 
 import open_clip
 import pytest
@@ -96,7 +97,10 @@ def test_output_sharding_writes_transformers_layout_that_loads(vit_folders, tmp_
     weights = [1 / 3] * 3
     max_shard_size = 10_000
     out = merge(
-        vit_folders, tmp_path / "sharded", weights=weights, max_shard_size=max_shard_size,
+        vit_folders,
+        tmp_path / "sharded",
+        weights=weights,
+        max_shard_size=max_shard_size,
         progress=False,
     )
     shards = _weight_files(out)
@@ -128,11 +132,14 @@ def test_clip_merge_loads_and_copies_tokenizer_and_processor(tmp_path):
     assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= set(extra)
     for name in extra:
         assert (out / name).read_bytes() == (folders[0] / name).read_bytes(), name
-    assert sorted(p.name for p in out.iterdir()) == sorted([*extra, "model.safetensors", "soup.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*extra, "model.safetensors", "soup.json"]
+    )
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer("a photo of a cat")["input_ids"] == AutoTokenizer.from_pretrained(folders[0])(
-        "a photo of a cat"
-    )["input_ids"]
+    assert (
+        tokenizer("a photo of a cat")["input_ids"]
+        == AutoTokenizer.from_pretrained(folders[0])("a photo of a cat")["input_ids"]
+    )
     assert CLIPImageProcessor.from_pretrained(out).crop_size == {"height": 16, "width": 16}
 
 
@@ -198,8 +205,9 @@ def test_bf16_model_merge_is_rounded_once(tmp_path):
 
 def test_dtype_override(vit_folders, tmp_path):
     weights = [0.2, 0.5, 0.3]
-    out = merge(vit_folders, tmp_path / "bf16", weights=weights, dtype=torch.bfloat16,
-                progress=False)
+    out = merge(
+        vit_folders, tmp_path / "bf16", weights=weights, dtype=torch.bfloat16, progress=False
+    )
     merged = load_weights(out)
     for name, expected in weighted_reference(vit_folders, weights).items():
         assert merged[name].dtype == torch.bfloat16, name
@@ -227,8 +235,9 @@ def test_non_floating_tensors_are_copied_from_the_first_ingredient(tmp_path):
         )
         for i in range(3)
     ]
-    out = merge(folders, tmp_path / "soup", weights=[0.5, 0.25, 0.25], dtype=torch.bfloat16,
-                progress=False)
+    out = merge(
+        folders, tmp_path / "soup", weights=[0.5, 0.25, 0.25], dtype=torch.bfloat16, progress=False
+    )
     merged = load_file(out / "model.safetensors")
     first = load_file(folders[0] / "model.safetensors")
     assert merged["position_ids"].dtype == torch.int64
@@ -249,8 +258,12 @@ def test_mixed_precision_ingredients_write_the_first_ones_dtype(tmp_path):
 def test_recipe_records_ingredients_weights_and_method(vit_folders, tmp_path):
     ingredients = [Ingredient.from_source(folder) for folder in vit_folders]
     out = merge(
-        ingredients, tmp_path / "soup", weights=[0.2, 0.5, 0.3], dtype=torch.float16,
-        recipe={"soup": "greedy", "scores": [0.9, 0.8]}, progress=False,
+        ingredients,
+        tmp_path / "soup",
+        weights=[0.2, 0.5, 0.3],
+        dtype=torch.float16,
+        recipe={"soup": "greedy", "scores": [0.9, 0.8]},
+        progress=False,
     )
     recipe = json.loads((out / "soup.json").read_text())
     assert re.fullmatch(r"hf_soups \S+", recipe["library"])
@@ -264,6 +277,11 @@ def test_recipe_records_ingredients_weights_and_method(vit_folders, tmp_path):
     assert recipe["soup"] == "greedy" and recipe["scores"] == [0.9, 0.8]
     # The default is a uniform soup, and says so.
     uniform = merge(vit_folders, tmp_path / "uniform", progress=False)
-    assert json.loads((uniform / "soup.json").read_text())["parameters"] == {
-        "weights": [1 / 3] * 3
-    }
+    assert json.loads((uniform / "soup.json").read_text())["parameters"] == {"weights": [1 / 3] * 3}
+
+
+def test_output_folder_mode_follows_the_umask_like_a_plain_mkdir(vit_folders, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    out = merge(vit_folders, tmp_path / "soup", progress=False)
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)

@@ -1,9 +1,10 @@
-"""``transformers.Trainer`` callbacks: SWA, EMA and soup-ingredient collection."""
+"""``transformers.Trainer`` callbacks: SWA, EMA, soup-ingredient collection and WiSE-FT."""
 
 from hf_soups.callbacks._averaging import AveragedWeights, WeightAveragingCallback, update_bn
 from hf_soups.callbacks.ema import EMACallback
 from hf_soups.callbacks.ingredients import IngredientCallback
 from hf_soups.callbacks.swa import SWACallback
+from hf_soups.callbacks.wise_ft import WiSEFTCallback
 
 __all__ = [
     "AveragedWeights",
@@ -11,5 +12,6 @@ __all__ = [
     "IngredientCallback",
     "SWACallback",
     "WeightAveragingCallback",
+    "WiSEFTCallback",
     "update_bn",
 ]

@@ -24,13 +24,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
 from hf_soups.output import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
-
-PREFIX_CHECKPOINT_DIR = "checkpoint"
 
 
 def distributed_world_size() -> int:
@@ -346,8 +345,11 @@ class WeightAveragingCallback(TrainerCallback):
     # ---- public helpers ---------------------------------------------------------------------
 
     def averaged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged tensors (float32, on the model's device) by in-memory name; a copy."""
-        if self.averaged is None:
+        """The averaged tensors (float32, on the model's device) by in-memory name; a copy.
+
+        Empty until the first weights have been averaged.
+        """
+        if self.averaged is None or self.n_averaged == 0:
             return {}
         return {name: t.detach().clone() for name, t in self.averaged.state_dict().items()}
 

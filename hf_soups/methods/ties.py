@@ -21,6 +21,7 @@ fine-tuned tensor twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -49,17 +50,20 @@ def check_merged_scaling(method: str, scaling: float) -> float:
     return check_scaling(scaling)
 
 
-def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ``int(density * numel)`` largest-magnitude entries of ``delta``
-    (in place); entries tied with the smallest kept magnitude are kept as well."""
+def trim_threshold(delta: torch.Tensor, density: float) -> float:
+    """The magnitude below which TIES trims ``delta``: its ``int(density * numel)``-th largest
+    ``|delta|`` (0 when nothing is trimmed, infinity when everything is)."""
     if density >= 1.0:
-        return delta
+        return 0.0
     keep = int(density * delta.numel())
     if keep == 0:
-        return delta.zero_()
-    magnitude = delta.abs()
-    threshold = magnitude.view(-1).kthvalue(delta.numel() - keep + 1).values
-    return delta.masked_fill_(magnitude < threshold, 0.0)
+        return math.inf
+    return delta.abs().view(-1).kthvalue(delta.numel() - keep + 1).values.item()
+
+
+def magnitude_trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Zero the entries of ``delta`` whose magnitude is below ``threshold`` (in place)."""
+    return delta.masked_fill_(delta.abs() < threshold, 0.0)
 
 
 def elect_and_disjoint_merge(
@@ -95,9 +99,9 @@ class TIES(MergeMethod):
 
     Args:
         density: fraction of each task vector's entries kept by the trim step, in (0, 1]
-            (the paper's ``k``; it recommends 0.2, the top 20%).
-        scaling: ``lambda``, the scale of the merged task vector (the paper uses 1 when no
-            validation data is available).
+            (the paper's ``k``, 20% by default there).
+        scaling: ``lambda``, the scale of the merged task vector (1 adds it as it is; the paper
+            tunes it on validation data).
     """
 
     name = "ties"
@@ -112,9 +116,14 @@ class TIES(MergeMethod):
         self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
     ) -> torch.Tensor:
         base_tensor = require_base(self, base)()
+        # Each task vector is read twice; its threshold is found once.
+        thresholds: dict[int, float] = {}
 
         def trimmed(index: int) -> torch.Tensor:
-            return magnitude_trim(tensors[index]().sub_(base_tensor), self.density)
+            delta = tensors[index]().sub_(base_tensor)
+            if index not in thresholds:
+                thresholds[index] = trim_threshold(delta, self.density)
+            return magnitude_trim(delta, thresholds[index])
 
         merged = elect_and_disjoint_merge(trimmed, len(tensors))
         return merged.mul_(self.scaling).add_(base_tensor)

@@ -114,7 +114,7 @@ class PatchResult:
             target_label=self.target_label,
             preserve_label=self.preserve_label,
             title=f"{'PAINT' if self.kind == 'paint' else 'WiSE-FT'}: "
-            f"{self.sweep.zero_shot} -> {self.sweep.fine_tuned}",
+            f"{_short(self.sweep.zero_shot)} -> {_short(self.sweep.fine_tuned)}",
         )
 
     def to_model(self) -> nn.Module:
@@ -152,6 +152,12 @@ class PatchResult:
             self.plot(work_dir / PLOT_FILE)
         logger.info("Wrote the model at alpha=%g to %s", self.alpha, out_dir)
         return Path(out_dir)
+
+
+def _short(source: str) -> str:
+    # Local folders are named by their last component; Hub ids ("org/name@rev") stay whole.
+    path = Path(source)
+    return path.name if path.is_absolute() or path.exists() else source
 
 
 def _summary(result: EvalResult | float) -> dict:

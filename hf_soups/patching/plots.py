@@ -31,6 +31,10 @@ def _legend(name: str, group: str) -> str:
     return name if name.lower() == group.lower() else f"{name} ({group})"
 
 
+def _axis_label(group: str, names: Sequence[str]) -> str:
+    return f"{group} ({'mean of ' if len(names) > 1 else ''}{', '.join(names)})"
+
+
 def plot_sweep(
     result: SweepResult,
     path: str | os.PathLike,
@@ -93,10 +97,14 @@ def plot_sweep(
         x = [fmean(scores[name][i] for name in target) for i in range(len(alphas))]
         y = [fmean(scores[name][i] for name in preserve) for i in range(len(alphas))]
         right.plot(x, y, marker="o", markersize=4, color="tab:blue")
-        for alpha, xi, yi in zip(alphas, x, y):
+        # Coinciding points (equal scores at several alphas) share one label.
+        labels: dict[tuple[float, float], list[str]] = {}
+        for alpha, point in zip(alphas, zip(x, y)):
+            labels.setdefault(point, []).append(f"{alpha:g}")
+        for point, names in labels.items():
             right.annotate(
-                f"{alpha:g}",
-                (xi, yi),
+                ", ".join(names),
+                point,
                 textcoords="offset points",
                 xytext=(4, 4),
                 fontsize="x-small",
@@ -113,8 +121,8 @@ def plot_sweep(
                 label=f"chosen alpha={chosen_alpha:g}",
             )
             right.legend(fontsize="small")
-        right.set_xlabel(f"{target_label} ({', '.join(target)})")
-        right.set_ylabel(f"{preserve_label} (mean of {', '.join(preserve)})")
+        right.set_xlabel(_axis_label(target_label, target))
+        right.set_ylabel(_axis_label(preserve_label, preserve))
         right.grid(alpha=0.3)
     if title:
         figure.suptitle(title)

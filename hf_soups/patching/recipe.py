@@ -52,7 +52,14 @@ from hf_soups.patching.sweep import TaskSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalRecipe", "RecipeError", "load_eval_recipe", "parse_alphas"]
+__all__ = [
+    "EvalRecipe",
+    "RecipeError",
+    "load_eval_recipe",
+    "load_eval_set",
+    "parse_alphas",
+    "resolve_path",
+]
 
 _TARGET_KEYS = ("target", "id", "patching")
 _PRESERVE_KEYS = ("preserve", "shifted", "supported")
@@ -119,7 +126,7 @@ class EvalRecipe:
         return {name: self.eval_sets[name] for name in names}
 
 
-def _resolve_path(value: str, base: Path) -> str:
+def resolve_path(value: str, base: Path) -> str:
     """A path relative to the recipe's folder when it exists there, else as written (Hub id)."""
     candidate = base / os.path.expanduser(value)
     return str(candidate) if candidate.exists() else value
@@ -163,15 +170,17 @@ def _load_dataset(file: Path, name: str, spec: Mapping[str, Any], base: Path):
     return data
 
 
-def _eval_set(
+def load_eval_set(
     file: Path,
     name: str,
     spec: Any,
     base: Path,
-    tokenizer_folder: str | None,
-    accelerator: Any,
-    progress: bool,
+    tokenizer_folder: str | None = None,
+    accelerator: Any = None,
+    progress: bool = True,
 ) -> TaskSpec:
+    """One eval set of a recipe file (``name`` is its key, for error messages): the dataset
+    from disk, its Evaluator, and its zero-shot head's class names and templates if any."""
     from hf_soups.evaluation import Evaluator
 
     if not isinstance(spec, Mapping):
@@ -201,7 +210,7 @@ def _eval_set(
         raise RecipeError(f"{file}: eval_sets.{name}: 'classnames' needs 'templates'")
     tokenizer_source = spec.get("tokenizer")
     if tokenizer_source is not None:
-        tokenizer_source = _resolve_path(str(tokenizer_source), base)
+        tokenizer_source = resolve_path(str(tokenizer_source), base)
     else:
         tokenizer_source = tokenizer_folder
     if tokenizer_source is None:
@@ -258,7 +267,7 @@ def load_eval_recipe(
     if unknown:
         raise RecipeError(f"{file}: unknown key {unknown[0]!r} (known: {sorted(_TOP_KEYS)})")
     models = {
-        key: _resolve_path(str(raw[key]), base) if raw.get(key) is not None else None
+        key: resolve_path(str(raw[key]), base) if raw.get(key) is not None else None
         for key in ("zero_shot", "fine_tuned")
     }
     out = str(base / os.path.expanduser(str(raw["out"]))) if raw.get("out") else None
@@ -289,7 +298,7 @@ def load_eval_recipe(
         logger.warning("%s: eval set(s) %s are in no group and will not be scored", file, unused)
     tokenizer_folder = str(zero_shot) if zero_shot is not None else models["zero_shot"]
     eval_sets = {
-        str(name): _eval_set(
+        str(name): load_eval_set(
             file, str(name), eval_specs[name], base, tokenizer_folder, accelerator, progress
         )
         for name in [*target, *preserve]
