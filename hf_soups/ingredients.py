@@ -121,9 +121,16 @@ def read_safetensors_header(file: Path, group: str) -> dict[str, TensorInfo]:
     return index
 
 
-def read_tensor(info: TensorInfo, name: str) -> torch.Tensor:
-    """Read one tensor into a fresh CPU buffer (no memory map stays behind)."""
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(info: TensorInfo, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor into a CPU buffer: ``out`` when given (a contiguous tensor of the stored
+    dtype and size, reused so that repeated reads cost no new pages), else a fresh one. No
+    memory map stays behind."""
+    if out is None:
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    elif out.dtype != info.dtype or out.numel() != info.numel or not out.is_contiguous():
+        raise ValueError(f"tensor {name!r}: buffer of {out.dtype} {list(out.shape)} does not fit")
+    else:
+        buffer = out.view(-1).view(torch.uint8)
     with open(info.file, "rb") as handle:
         handle.seek(info.offset)
         got = handle.readinto(memoryview(buffer.numpy())) if info.nbytes else 0
@@ -281,15 +288,17 @@ class Ingredient:
         """A short display name: the source with its revision when pinned."""
         return self.source if self.revision is None else f"{self.source}@{self.revision[:10]}"
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` as stored (dtype and shape) into a fresh CPU tensor."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``name`` as stored (dtype and shape) into a fresh CPU tensor, or into
+        ``out`` (same dtype and size) to reuse its memory."""
         try:
             info = self.tensors[name]
         except KeyError:
             raise KeyError(f"{self.name}: no tensor {name!r}") from None
         if self._pickled is not None:
-            return self._pickled[name].clone()
-        return read_tensor(info, name)
+            tensor = self._pickled[name]
+            return tensor.clone() if out is None else out.copy_(tensor.view_as(out))
+        return read_tensor(info, name, out)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, keyed as on disk. Reads the whole checkpoint into memory."""

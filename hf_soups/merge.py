@@ -55,7 +55,16 @@ def as_ingredients(sources: Sequence[IngredientLike], **resolve_kwargs) -> list[
 
 
 def _loader(ingredient: Ingredient, name: str) -> TensorLoader:
-    return lambda: ingredient.read(name).to(torch.float32)
+    """A loader of ``name`` as float32, into a given buffer when one is passed."""
+    stored = ingredient.tensors[name].dtype
+
+    def load(out: torch.Tensor | None = None) -> torch.Tensor:
+        if stored == torch.float32:
+            return ingredient.read(name, out=out)
+        tensor = ingredient.read(name).to(torch.float32)
+        return tensor if out is None else out.copy_(tensor)
+
+    return load
 
 
 def _check_finite(

@@ -2,9 +2,10 @@
 
 :class:`SoupBuilder` holds fine-tuned ingredients that share one pre-trained start and cooks
 them: :meth:`~SoupBuilder.uniform`, :meth:`~SoupBuilder.greedy` and
-:meth:`~SoupBuilder.learned`. Each returns a :class:`Soup`, which records its ingredients (with
-resolved revisions), its weights, the method and every score measured on the way, and which
-saves itself through the streaming merge.
+:meth:`~SoupBuilder.learned`, or with a merge method (:meth:`~SoupBuilder.merge_method`: TIES,
+DARE, task arithmetic, Fisher; :meth:`~SoupBuilder.model_stock`). Each returns a :class:`Soup`,
+which records its ingredients (with resolved revisions), its weights, the method and every score
+measured on the way, and which saves itself through the streaming merge.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ from hf_soups.methods.base import MergeMethod, WeightedAverage
 from hf_soups.models import load_model, save_model
 from hf_soups.output import atomic_output_dir
 from hf_soups.stats import gain_is_significant
+
+if TYPE_CHECKING:
+    from hf_soups.diagnostics import DiagnosticsReport
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ class Soup:
     merge_method: MergeMethod | None = None
     base: Ingredient | None = None
     tensor_weights: dict[str, list[float]] | None = field(default=None, repr=False)
+    diagnostics: DiagnosticsReport | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -93,6 +98,15 @@ class Soup:
                 **self.details,
             },
             "scores": self.scores,
+            **(self._diagnostics_record() if self.diagnostics is not None else {}),
+        }
+
+    def _diagnostics_record(self) -> dict:
+        from hf_soups.diagnostics.plots import plot_names
+
+        return {
+            "diagnostics": self.diagnostics.to_dict(),
+            "plots": plot_names(self.diagnostics),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -139,35 +153,38 @@ class Soup:
         A per-layer learned soup is built in memory and written with the model's own
         ``save_pretrained``.
         """
-        if self.tensor_weights is not None:
-            return self._save_model(out_dir, overwrite=overwrite, dtype=dtype)
-        return merge(
-            self.ingredients,
-            out_dir,
-            method=self._method(),
-            base=self.base,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            recipe=self.recipe(),
-            progress=progress,
-        )
+        with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
+            if self.tensor_weights is not None:
+                self._save_model(work_dir, dtype=dtype)
+            else:
+                merge(
+                    self.ingredients,
+                    work_dir,
+                    method=self._method(),
+                    base=self.base,
+                    dtype=dtype,
+                    max_shard_size=max_shard_size,
+                    recipe=self.recipe(),
+                    progress=progress,
+                )
+            if self.diagnostics is not None:
+                from hf_soups.diagnostics import write_plots
 
-    def _save_model(self, out_dir, *, overwrite: bool, dtype: torch.dtype | None) -> Path:
+                write_plots(self.diagnostics, work_dir)
+        return Path(out_dir)
+
+    def _save_model(self, work_dir: Path, *, dtype: torch.dtype | None) -> None:
         model = self.to_model()
         if dtype is not None:
             model.to(dtype)
-        template = self.ingredients[0]
-        with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
-            saved = save_model(model, work_dir / "model")
-            for file in saved.iterdir():
-                file.rename(work_dir / file.name)
-            saved.rmdir()
-            copy_extra_files(template.path, work_dir, keep_existing=True)
-            record = build_recipe(self.ingredients, self._method(), None, dtype)
-            record.update(self.recipe())
-            (work_dir / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        return Path(out_dir)
+        saved = save_model(model, work_dir / "model")
+        for file in saved.iterdir():
+            file.rename(work_dir / file.name)
+        saved.rmdir()
+        copy_extra_files(self.ingredients[0].path, work_dir, keep_existing=True)
+        record = build_recipe(self.ingredients, self._method(), None, dtype)
+        record.update(self.recipe())
+        (work_dir / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     def push_to_hub(
         self,
@@ -240,6 +257,7 @@ class SoupBuilder:
         self._individual_results: dict[str, EvalResult] = {}
         self._scored_with: tuple | None = None  # (evaluator, metric) of the individual scores
         self._maximize = True
+        self.diagnostics: DiagnosticsReport | None = None
 
     @classmethod
     def from_hub(
@@ -295,6 +313,22 @@ class SoupBuilder:
                 raise HfSoupsError(f"{sweep}: no subfolder with {INGREDIENT_METADATA_FILE}")
             sources = [str(folder) for folder in found]
         return cls.from_hub(list(map(str, sources)), **kwargs)
+
+    def check(
+        self, evaluator: Evaluator | None = None, *, base: IngredientLike | None = None, **options
+    ) -> DiagnosticsReport:
+        """Will averaging work? Measure the pool (weight distances, and interpolation barriers
+        when an ``evaluator`` is given) and log a warning for every ingredient that fails;
+        nothing is dropped. The report is recorded in every soup built afterwards (its
+        ``soup.json``, plots and model card). Options: those of
+        :func:`hf_soups.diagnostics.check_soupability`.
+        """
+        from hf_soups.diagnostics import check_soupability
+
+        self.diagnostics = check_soupability(
+            self.ingredients, base=base, evaluator=evaluator, **options
+        )
+        return self.diagnostics
 
     @property
     def individual_scores(self) -> dict[str, float]:
@@ -361,6 +395,7 @@ class SoupBuilder:
             method=method,
             scores=self.scores,
             details=details or {},
+            diagnostics=self.diagnostics,
             **kwargs,
         )
 

@@ -248,6 +248,8 @@ def test_pretraining_is_deterministic_for_a_seed(small, tmp_path):
     model = CLIPZeroShotClassifier.from_pretrained(first)
     assert model.config.id2label[3] == "three"
     assert (first / "tokenizer.json").is_file()
+    record = json.loads((first / "pretraining.json").read_text())
+    assert record["steps"] == 3 and record["seed"] == 0
 
 
 def test_weak_zero_shot_model_is_refused(small, tmp_path):
@@ -304,6 +306,22 @@ def test_finetune_sweep_writes_ingredients_and_keeps_text_tower(small, tmp_path)
         assert "classifier.weight" in changed
         assert any(k.startswith("clip.vision_model.") for k in changed)
         assert (folder / "tokenizer.json").is_file()
+
+
+def test_finetune_is_deterministic_for_a_seed(small, tmp_path):
+    zero_shot = pretrain_zero_shot(
+        tmp_path / "zs", small, TINY, seed=0, max_steps=1, progress=False
+    )
+    config = SweepConfig(
+        num_ingredients=1, epochs=1, batch_size=16, learning_rate_range=(1e-3, 2e-3)
+    )
+    runs = [
+        finetune_sweep(zero_shot, small, tmp_path / name, config, seed=0, progress=False)[0]
+        for name in ("a", "b")
+    ]
+    a, b = (load_file(folder / "model.safetensors") for folder in runs)
+    assert sample_sweep(config, seed=0)[0].augment  # the augmented path is the one at risk
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_finetune_sweep_refuses_a_nonempty_folder(small, tmp_path):

@@ -289,11 +289,11 @@ def test_statistics_hold_one_tensor_name_at_a_time(related, monkeypatch):
     violations: list[str] = []
     original = Ingredient.read
 
-    def tracked(self, name):
+    def tracked(self, name, out=None):
         others = {held for held in alive.values() if held != name}
         if others:
             violations.append(f"reading {name!r} while {sorted(others)} are held")
-        tensor = original(self, name)
+        tensor = original(self, name, out=out)
         key = id(tensor)
         alive[key] = name
         weakref.finalize(tensor, alive.pop, key, None)

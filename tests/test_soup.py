@@ -230,3 +230,27 @@ def test_ensemble_and_report_with_an_evaluator(pool):
     for name in ["ensemble", "greedy soup", *(str(f) for f in folders[:3])]:
         assert name in table
     assert isinstance(Ingredient.from_source(folders[0]).name, str)
+
+
+def test_check_warns_and_is_recorded_with_the_soup(tmp_path, caplog):
+    torch.manual_seed(0)
+    ViTForImageClassification(CONFIG).save_pretrained(tmp_path / "start")
+    start = file_state(tmp_path / "start")
+    generator = torch.Generator().manual_seed(1)
+    sources = []
+    for i in range(3):  # small moves from one start, as fine-tuning makes
+        moved = {k: t + 0.002 * torch.randn(t.shape, generator=generator) for k, t in start.items()}
+        sources.append(str(save_state(tmp_path / f"fine_tune{i}", moved)))
+    torch.manual_seed(123)  # an unrelated model: another random start
+    ViTForImageClassification(CONFIG).save_pretrained(tmp_path / "stranger")
+    sources.append(str(tmp_path / "stranger"))
+    builder = SoupBuilder.from_pretrained(sources)
+    with caplog.at_level("WARNING"):
+        report = builder.check()
+    assert [v.ingredient for v in report.verdicts if v.status == "fail"] == [sources[-1]]
+    assert "stranger" in caplog.text
+    out = builder.uniform().save_pretrained(tmp_path / "soup", progress=False)
+    recipe = json.loads((out / "soup.json").read_text())
+    assert recipe["diagnostics"]["ok"] is False
+    assert recipe["plots"] and all((out / name).is_file() for name in recipe["plots"])
+    assert len(builder.uniform().ingredients) == 4  # warned about, never dropped

@@ -1,13 +1,14 @@
 """WiSEFTCallback checked against what the test keeps itself.
 
-A tiny ViT is fine-tuned on scikit-learn's digits with the real ``Trainer``. The test writes the
-starting weights before training and the final ones at the end of training (a callback listed
-before WiSE-FT), scores them with its own Evaluators, and compares: the sweep's endpoint rows,
-the chosen ``alpha`` against the selection rule worked out by hand, the written folder and the
-swapped-in weights against ``(1 - alpha) * start + alpha * final`` in float64 from those files,
-after an interrupted run is resumed from a checkpoint, the starting weights used; and under
-``accelerate launch`` with 2 CPU processes, that both end with the weights the main process
-alone wrote, scored as one process scores them.
+A tiny ViT, pre-trained on upright and inverted digits (scikit-learn's), is fine-tuned on upright
+ones with the real ``Trainer``. The test writes the starting weights before training and the
+final ones when training ends (a callback listed before WiSE-FT) and scores them with its own
+Evaluators. It compares the sweep's endpoint rows with those scores, the chosen ``alpha`` with
+the selection rule worked out by hand, and the written folder and the swapped-in weights with
+``(1 - alpha) * start + alpha * final`` in float64 from those files. A run interrupted and
+resumed from a checkpoint must still interpolate with the weights training started from. Under
+``accelerate launch`` with 2 CPU processes, both must end with the weights the main process
+alone wrote, and the gathered scores must equal one process's.
 """
 
 from __future__ import annotations
@@ -99,8 +100,10 @@ def eval_sets(accelerator: Accelerator | None) -> dict[str, Evaluator]:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def accelerator() -> Accelerator:
+    # Per test: building TrainingArguments resets Accelerate's shared state, which a new
+    # Accelerator (or the Trainer's) sets up again.
     return Accelerator(cpu=True)
 
 
@@ -372,6 +375,14 @@ def train_on_this_rank(out: Path, start: Path) -> None:
     )
     args = make_args(out / "run", max_steps=6, per_device_train_batch_size=16)
     trainer = Trainer(model=model, args=args, train_dataset=train_set(), callbacks=[callback])
+    saves = []
+    save_pretrained = model.save_pretrained
+
+    def recording_save_pretrained(directory, *a, **k):
+        saves.append(Path(directory).name)
+        return save_pretrained(directory, *a, **k)
+
+    model.save_pretrained = recording_save_pretrained
     trainer.train()
     rank = args.process_index
     live = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -382,6 +393,7 @@ def train_on_this_rank(out: Path, start: Path) -> None:
         "alpha": callback.result.alpha,
         "scores": callback.result.sweep.scores,
         "should_save": args.should_save,
+        "saves": saves,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(info))
 
@@ -407,6 +419,8 @@ def test_two_processes_end_with_the_main_process_choice(tmp_path, accelerator):
     # A silent fallback to one process would fail here.
     assert [(i["world_size"], i["backend"]) for i in infos] == [(2, "gloo")] * 2
     assert [i["should_save"] for i in infos] == [True, False]
+    # Only the main process wrote the two ends (the chosen model is merged from their files).
+    assert [len(i["saves"]) for i in infos] == [2, 0]
     assert infos[0]["alpha"] == infos[1]["alpha"]
     assert infos[0]["scores"] == infos[1]["scores"]
     # The gathered scores of the two ends are one process's scores of the same folders.

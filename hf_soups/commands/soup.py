@@ -102,6 +102,13 @@ def _check_options(
         raise RecipeError(f"{file}: {key}: {error} (known: {', '.join(known)})") from None
 
 
+def _source(value: str, base: Path) -> str:
+    """A folder relative to the recipe, normalised (it names the ingredient in the recipe and
+    the card), or a Hub id as written."""
+    resolved = resolve_path(value, base)
+    return os.path.normpath(resolved) if Path(resolved).exists() else resolved
+
+
 def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a soup recipe without loading models or data.
 
@@ -172,9 +179,9 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
     }
     sources = raw["sources"]
     builder = SoupBuilder.from_pretrained(
-        resolve_path(sources, base)
+        _source(sources, base)
         if isinstance(sources, str)
-        else [resolve_path(str(source), base) for source in sources]
+        else [_source(str(source), base) for source in sources]
     )
     if method == "uniform":
         soup = builder.uniform()
@@ -199,7 +206,7 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
             parameters["fisher_dirs"] = [
                 resolve_path(str(d), base) for d in parameters["fisher_dirs"]
             ]
-        pretrained = resolve_path(str(raw["base"]), base) if raw.get("base") else None
+        pretrained = _source(str(raw["base"]), base) if raw.get("base") else None
         soup = builder.merge_method(method, base=pretrained, **parameters)
     if raw.get("ensemble"):
         for evaluator in [held_out, *eval_sets.values()]:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import transformers
 from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
@@ -30,7 +29,7 @@ from transformers import (
 
 from hf_soups.callbacks import IngredientCallback
 from hf_soups.demo.data import FINETUNE_AUGMENTATION, DemoData, augmented
-from hf_soups.demo.pretrain import deterministic
+from hf_soups.demo.pretrain import deterministic, quiet_transformers
 from hf_soups.errors import HfSoupsError
 from hf_soups.models.clip import CLIPZeroShotClassifier
 from hf_soups.output import check_output_dir
@@ -120,10 +119,13 @@ def finetune_one(
     sweep_dir: Path,
     *,
     work_dir: Path,
+    overwrite: bool = False,
     max_steps: int = -1,
 ) -> Path:
     """Fine-tune one ingredient from the zero-shot classifier; returns its folder."""
     tokenizer = AutoTokenizer.from_pretrained(zero_shot_dir)
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    total_steps = max_steps if max_steps > 0 else config.epochs * steps_per_epoch
     with deterministic(spec.seed):
         model = CLIPZeroShotClassifier.from_pretrained(zero_shot_dir)
         model.freeze_text_tower()
@@ -134,7 +136,7 @@ def finetune_one(
             output_dir=str(work_dir / spec.name),
             use_cpu=True,
             num_train_epochs=config.epochs,
-            max_steps=max_steps,
+            max_steps=total_steps,
             per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=500,
             learning_rate=spec.learning_rate,
@@ -143,8 +145,10 @@ def finetune_one(
             lr_scheduler_type="cosine",
             warmup_steps=0.1,
             seed=spec.seed,
-            eval_strategy="epoch" if max_steps < 0 else "steps",
-            eval_steps=None if max_steps < 0 else max_steps,
+            # One evaluation, at the last step: greedy soups rank ingredients by it, and
+            # per-epoch scores would cost a validation pass each.
+            eval_strategy="steps",
+            eval_steps=total_steps,
             save_strategy="no",
             logging_strategy="no",
             report_to=[],
@@ -160,6 +164,7 @@ def finetune_one(
                 "frozen": "text tower, text projection, logit scale",
                 "zero_shot_model": zero_shot_dir.name,
             },
+            overwrite=overwrite,
         )
         trainer = Trainer(
             model=model,
@@ -184,6 +189,7 @@ def finetune_sweep(
     size: str | SweepConfig = "fast",
     seed: int = 0,
     *,
+    overwrite: bool = False,
     max_steps: int = -1,
     progress: bool = True,
 ) -> list[Path]:
@@ -193,7 +199,8 @@ def finetune_sweep(
         zero_shot_dir: the folder written by ``pretrain_zero_shot``.
         data: the demo data; trains on ``train``, evaluates on ``validation`` (recorded in each
             ``ingredient.json`` as ``eval_accuracy``).
-        out_dir: the sweep folder; refused if it exists and is not empty.
+        out_dir: the sweep folder; refused if it exists and is not empty, unless
+            ``overwrite`` (which replaces ingredient folders of the same names).
         size: ``"fast"``, ``"default"`` or a ``SweepConfig``.
         seed: seeds the hyperparameter draw and, through it, every run.
         max_steps: cut every run to this many optimiser steps (for tests).
@@ -204,26 +211,22 @@ def finetune_sweep(
     """
     config = get_sweep_config(size)
     zero_shot_dir = Path(zero_shot_dir)
-    out_dir = check_output_dir(out_dir)
+    out_dir = check_output_dir(out_dir, overwrite)
     specs = sample_sweep(config, seed)
     folders: list[Path] = []
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with tempfile.TemporaryDirectory(prefix="hf-soups-trainer-") as work_dir:
-            for spec in tqdm(specs, desc="fine-tuning ingredients", disable=not progress):
-                logger.info("fine-tuning %s: %s", spec.name, asdict(spec))
-                folders.append(
-                    finetune_one(
-                        zero_shot_dir,
-                        data,
-                        spec,
-                        config,
-                        out_dir,
-                        work_dir=Path(work_dir),
-                        max_steps=max_steps,
-                    )
+    with quiet_transformers(), tempfile.TemporaryDirectory(prefix="hf-soups-trainer-") as work_dir:
+        for spec in tqdm(specs, desc="fine-tuning ingredients", disable=not progress):
+            logger.info("fine-tuning %s: %s", spec.name, asdict(spec))
+            folders.append(
+                finetune_one(
+                    zero_shot_dir,
+                    data,
+                    spec,
+                    config,
+                    out_dir,
+                    work_dir=Path(work_dir),
+                    overwrite=overwrite,
+                    max_steps=max_steps,
                 )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+            )
     return folders

@@ -8,6 +8,7 @@ images in a batch share a caption, so every same-class pair counts as a positive
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
@@ -25,9 +27,12 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from hf_soups.demo.data import PRETRAIN_AUGMENTATION, Augmentation, DemoData
 from hf_soups.errors import HfSoupsError
 from hf_soups.models.clip import CLIPZeroShotClassifier, make_word_tokenizer
-from hf_soups.output import atomic_output_dir
+from hf_soups.output import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
+
+
+PRETRAINING_RECORD = "pretraining.json"
 
 
 class ZeroShotTooWeakError(HfSoupsError):
@@ -94,6 +99,25 @@ def deterministic(seed: int) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.set_num_threads(previous[1])
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings and per-model progress bars for the block, then restore.
+
+    The demo shows one bar per stage; loading and saving a tiny model a dozen times would
+    otherwise print a dozen more.
+    """
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 def build_clip(
@@ -264,15 +288,16 @@ def pretrain_zero_shot(
         progress: show a progress bar.
 
     Returns:
-        ``out_dir`` as a Path, holding a ``CLIPZeroShotClassifier`` folder whose
-        ``config.json`` records the validation accuracy under ``demo_zero_shot_accuracy``.
+        ``out_dir`` as a Path, holding a ``CLIPZeroShotClassifier`` folder, its tokenizer, and
+        ``pretraining.json`` (seed, config, steps, first and final loss, zero-shot validation
+        accuracy).
 
     Raises:
         ZeroShotTooWeakError: after a full schedule, the zero-shot validation accuracy is below
             ``config.min_zero_shot_accuracy``.
     """
     config = get_pretrain_config(size)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, overwrite)  # fail before training, not after
     tokenizer = make_word_tokenizer(
         [t.format(c) for t in data.templates for c in data.classnames],
         model_max_length=16,
@@ -310,8 +335,16 @@ def pretrain_zero_shot(
             f"from {losses[0]:.3f} to {losses[-1]:.3f}. Try more epochs or another seed "
             f"(seed={seed}, config={asdict(config)})"
         )
-    classifier.config.demo_zero_shot_accuracy = val_accuracy
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    record = {
+        "seed": seed,
+        "config": asdict(config),
+        "steps": len(losses),
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "zero_shot_validation_accuracy": val_accuracy,
+    }
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, quiet_transformers():
         classifier.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / PRETRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir

@@ -69,8 +69,8 @@ class DemoResults:
 def shifted_validation(data: DemoData) -> dict[str, datasets.Dataset]:
     """The validation split under the same corruptions as the shifted test sets (other draws),
     so the WiSE-FT coefficient can be chosen without looking at the test shifts."""
-    images = data.validation["pixel_values"]
-    labels = data.validation["labels"]
+    split = data.validation[:]
+    images, labels = split["pixel_values"], split["labels"]
     return {
         f"validation_{name}": to_dataset(shift(images, data.seed + 100 + k), labels)
         for k, (name, shift) in enumerate(SHIFTS.items(), start=1)

@@ -109,16 +109,26 @@ def plot_paths(
     return _save(figure, path)
 
 
+def plot_names(report: DiagnosticsReport) -> list[str]:
+    """The file names :func:`write_plots` writes for ``report``."""
+    names = []
+    if report.weights is not None and len(report.ingredients) > 1:
+        names.append(WEIGHTS_PLOT)
+    if report.paths:
+        names.append(PATHS_PLOT)
+    return names
+
+
 def write_plots(report: DiagnosticsReport, folder: str | os.PathLike) -> list[str]:
     """Write the plots a :class:`~hf_soups.diagnostics.DiagnosticsReport` supports into
     ``folder``; return their file names (for ``soup.json``'s ``"plots"``), also kept in
     ``report.plots``."""
     folder = Path(folder)
-    names = []
-    if report.weights is not None and len(report.ingredients) > 1:
-        names.append(plot_weights(report.weights, folder / WEIGHTS_PLOT).name)
-    if report.paths:
-        names.append(plot_paths(report.paths, folder / PATHS_PLOT, report.ingredients).name)
+    names = plot_names(report)
+    if WEIGHTS_PLOT in names:
+        plot_weights(report.weights, folder / WEIGHTS_PLOT)
+    if PATHS_PLOT in names:
+        plot_paths(report.paths, folder / PATHS_PLOT, report.ingredients)
     report.plots = names
     return names
 

@@ -16,8 +16,8 @@ import torch
 
 from hf_soups.errors import InvalidWeightsError
 
-TensorLoader = Callable[[], torch.Tensor]
-
+TensorLoader = Callable[..., torch.Tensor]
+"""``load(out=None)``: the tensor in float32, read into ``out`` (same shape) when given."""
 
 class MergeMethod(ABC):
     """A rule combining the ingredients' float32 tensors of one name into one tensor."""
@@ -64,6 +64,7 @@ class WeightedAverage(MergeMethod):
 
     def __init__(self, weights: Sequence[float]):
         self.weights = [float(weight) for weight in weights]
+        self._buffer: torch.Tensor | None = None
 
     def check(self, num_ingredients: int) -> None:
         self.weights = check_weights(self.weights, num_ingredients)
@@ -71,17 +72,25 @@ class WeightedAverage(MergeMethod):
     def merge_tensor(
         self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
     ) -> torch.Tensor:
-        total = None
-        for weight, load in zip(self.weights, tensors):
-            if weight == 0.0:
-                continue
-            if total is None:
-                total = load().mul_(weight) if weight != 1.0 else load()
-            else:
-                total.add_(load(), alpha=weight)
-        if total is None:  # every weight is zero
+        terms = [(weight, load) for weight, load in zip(self.weights, tensors) if weight != 0.0]
+        if not terms:
             return torch.zeros_like(tensors[0]())
+        (first_weight, first), rest = terms[0], terms[1:]
+        total = first()
+        if first_weight != 1.0:
+            total.mul_(first_weight)
+        scratch = self._scratch(total.shape)
+        for weight, load in rest:
+            total.add_(load(scratch), alpha=weight)
         return total
+
+    def _scratch(self, shape: torch.Size) -> torch.Tensor:
+        # One buffer, as large as the largest tensor, serves every read after the first: reading
+        # into memory already touched costs no new pages, which is most of a fresh read's time.
+        numel = shape.numel()
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = torch.empty(numel, dtype=torch.float32)
+        return self._buffer[:numel].view(shape)
 
     def parameters(self) -> dict:
         return {"weights": self.weights}
