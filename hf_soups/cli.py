@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (HfSoupsError, FileNotFoundError, ValueError) as error:
+    except (HfSoupsError, OSError, ValueError) as error:
         if args.debug:
             raise
         print(f"hf-soups {args.command}: error: {error}", file=sys.stderr)

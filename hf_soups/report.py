@@ -40,3 +40,29 @@ def results_table(
             row.append(f"{cost.get(model, '')}x" if model in cost else "")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def comparisons_table(comparisons: list[Mapping], baseline: str | None = None) -> str:
+    """A markdown table of paired comparisons against one baseline: one row per model, one
+    column per eval set, each cell the difference in points with its McNemar p-value, marked
+    ``*`` when it is distinguishable from noise.
+
+    Args:
+        comparisons: ``PairedComparison.to_dict()`` entries with an added ``"eval_set"`` key.
+        baseline: how to call the model every row is compared with (default: its name).
+    """
+    eval_sets: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
+    for entry in comparisons:
+        if entry["eval_set"] not in eval_sets:
+            eval_sets.append(entry["eval_set"])
+        mark = "*" if entry["significant"] else ""
+        rows.setdefault(entry["name_a"], {})[entry["eval_set"]] = (
+            f"{100 * entry['difference']:+.1f} (p={entry['mcnemar_p']:.2g}){mark}"
+        )
+    name = comparisons[0]["name_b"] if comparisons else ""
+    header = [f"vs {baseline} ({name})" if baseline else f"vs {name}", *eval_sets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, cells in rows.items():
+        lines.append("| " + " | ".join([model, *(cells.get(s, "") for s in eval_sets)]) + " |")
+    return "\n".join(lines)

@@ -518,6 +518,7 @@ class SoupBuilder:
                 "acceptance": {"strict": strict, "min_gain": min_gain, "noise_aware": noise_aware},
                 "held_out": eval_name,
                 "greedy_trace": trace,
+                "candidates": [ingredient.record() for ingredient in order],
             },
         )
         self._record(soup.name, eval_name, best_result, best_score)

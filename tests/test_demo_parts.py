@@ -21,7 +21,7 @@ from safetensors.torch import load_file  # noqa: E402
 from hf_soups.demo import data as demo_data  # noqa: E402
 from hf_soups.demo.data import (  # noqa: E402
     Augmentation,
-    augmented,
+    TrainingImages,
     load_demo_data,
     rotation_angles,
     shift_seed,
@@ -203,14 +203,23 @@ def test_augmentation_scale_zooms_about_the_centre():
     assert out.sum().item() == pytest.approx(256, rel=0.05)
 
 
-def test_augmented_dataset_is_seeded(data):
+def test_training_images_are_augmented_with_a_seeded_generator(data):
     aug = demo_data.PRETRAIN_AUGMENTATION
-    first = augmented(data.train, aug, seed=3)[:8]["pixel_values"]
-    second = augmented(data.train, aug, seed=3)[:8]["pixel_values"]
-    third = augmented(data.train, aug, seed=4)[:8]["pixel_values"]
-    assert torch.equal(first, second)
-    assert not torch.equal(first, third)
-    assert not torch.equal(first, data.train[:8]["pixel_values"])
+    indices = [5, 0, 17, 3]
+    first = TrainingImages(data.train, aug, seed=3).__getitems__(indices)
+    second = TrainingImages(data.train, aug, seed=3).__getitems__(indices)
+    third = TrainingImages(data.train, aug, seed=4).__getitems__(indices)
+    plain = TrainingImages(data.train).__getitems__(indices)
+    for i, index in enumerate(indices):
+        assert torch.equal(first[i]["pixel_values"], second[i]["pixel_values"])
+        assert not torch.equal(first[i]["pixel_values"], third[i]["pixel_values"])
+        assert torch.equal(plain[i]["pixel_values"], data.train[index]["pixel_values"])
+        assert first[i]["labels"] == data.train[index]["labels"]
+    # A DataLoader fetches the batch in one call, so all of it is augmented together.
+    loader = torch.utils.data.DataLoader(TrainingImages(data.train, aug, seed=3), batch_size=4)
+    batch = next(iter(loader))
+    expected = aug(data.train[:4]["pixel_values"], torch.Generator().manual_seed(3))
+    assert torch.equal(batch["pixel_values"], expected)
 
 
 # --- pre-training -----------------------------------------------------------------------------

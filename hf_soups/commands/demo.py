@@ -29,7 +29,6 @@ def run(args: argparse.Namespace) -> None:
     )
     print(demo.table())
     print()
-    for comparison in demo.comparisons:
-        print(f"{comparison['eval_set']}: {comparison['verdict']}")
+    print(demo.comparisons_table())
     print(f"\nWrote {args.out}/ (greedy_soup/ and wise_ft/ with model cards, results.json).")
     print("Stage times (s): " + ", ".join(f"{k} {v}" for k, v in demo.seconds.items()))

@@ -38,11 +38,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hf_soups.methods import METHODS as MERGE_METHODS
 from hf_soups.methods import WeightedAverage
-from hf_soups.patching.recipe import RecipeError, load_eval_set, resolve_path
+from hf_soups.patching.recipe import RecipeError, load_eval_set, read_recipe_file, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +116,7 @@ def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
         RecipeError: naming the file and the key at fault.
     """
     file = Path(path)
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{file}: invalid YAML ({error})") from None
-    if not isinstance(raw, Mapping):
-        raise RecipeError(f"{file}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - _KEYS)
-    if unknown:
-        raise RecipeError(f"{file}: unknown key {unknown[0]!r} (known: {sorted(_KEYS)})")
+    raw = read_recipe_file(file, _KEYS)
     sources = raw.get("sources")
     if not (isinstance(sources, list) and sources) and not isinstance(sources, str):
         raise RecipeError(

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from hf_soups.callbacks import IngredientCallback
-from hf_soups.demo.data import FINETUNE_AUGMENTATION, DemoData, augmented
+from hf_soups.demo.data import FINETUNE_AUGMENTATION, DemoData, TrainingImages
 from hf_soups.demo.pretrain import deterministic, quiet_transformers
 from hf_soups.errors import HfSoupsError
 from hf_soups.models.clip import CLIPZeroShotClassifier
@@ -50,8 +50,8 @@ class SweepConfig:
 
 
 SWEEP_SIZES: dict[str, SweepConfig] = {
-    "fast": SweepConfig(num_ingredients=6, epochs=2),
-    "default": SweepConfig(num_ingredients=8, epochs=3),
+    "fast": SweepConfig(num_ingredients=6, epochs=1),
+    "default": SweepConfig(num_ingredients=8, epochs=2),
 }
 
 
@@ -129,8 +129,8 @@ def finetune_one(
     with deterministic(spec.seed):
         model = CLIPZeroShotClassifier.from_pretrained(zero_shot_dir)
         model.freeze_text_tower()
-        train = (
-            augmented(data.train, FINETUNE_AUGMENTATION, spec.seed) if spec.augment else data.train
+        train = TrainingImages(
+            data.train, FINETUNE_AUGMENTATION if spec.augment else None, seed=spec.seed
         )
         args = TrainingArguments(
             output_dir=str(work_dir / spec.name),

@@ -180,11 +180,11 @@ def _images_and_labels(datasets: list[Dataset]) -> tuple[torch.Tensor, torch.Ten
 def _caption_ids(
     tokenizer: PreTrainedTokenizerFast, classnames: tuple[str, ...], templates: tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``[num_classes, num_templates, length]`` of every caption, and their mask."""
+    """Token ids and mask of every caption; caption ``c * len(templates) + t`` fills template
+    ``t`` with class ``c``."""
     prompts = [t.format(c) for c in classnames for t in templates]
     encoded = tokenizer(prompts, padding=True, return_tensors="pt")
-    shape = (len(classnames), len(templates), -1)
-    return encoded["input_ids"].view(shape), encoded["attention_mask"].view(shape)
+    return encoded["input_ids"], encoded["attention_mask"]
 
 
 def train_clip(
@@ -229,14 +229,16 @@ def train_clip(
                 break
             batch_labels = labels[batch]
             template = torch.randint(0, len(templates), (len(batch),), generator=generator)
-            pixel_values = augmentation(images[batch], generator)
-            outputs = model(
-                input_ids=caption_ids[batch_labels, template],
-                attention_mask=caption_mask[batch_labels, template],
-                pixel_values=pixel_values,
-            )
+            image_embeds = model.get_image_features(
+                pixel_values=augmentation(images[batch], generator)
+            ).pooler_output
+            # There are fewer distinct captions than images in a batch: encode each once.
+            caption_embeds = model.get_text_features(
+                input_ids=caption_ids, attention_mask=caption_mask
+            ).pooler_output
+            text_embeds = caption_embeds[batch_labels * len(templates) + template]
             loss = multi_positive_contrastive_loss(
-                outputs.image_embeds, outputs.text_embeds, batch_labels, model.logit_scale
+                image_embeds, text_embeds, batch_labels, model.logit_scale
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

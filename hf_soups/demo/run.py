@@ -11,10 +11,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from accelerate import Accelerator
 
 from hf_soups.cards import write_card
@@ -22,10 +25,11 @@ from hf_soups.demo.data import SHIFTS, DemoData, load_demo_data, to_dataset
 from hf_soups.demo.finetune import finetune_sweep
 from hf_soups.demo.pretrain import pretrain_zero_shot
 from hf_soups.evaluation import EvalResult, Evaluator
+from hf_soups.ingredients import Ingredient
 from hf_soups.models import load_model
 from hf_soups.output import atomic_output_dir
 from hf_soups.patching import choose_wise_ft
-from hf_soups.report import results_table
+from hf_soups.report import comparisons_table, results_table
 from hf_soups.soup import Soup, SoupBuilder
 from hf_soups.stats import paired_comparison
 
@@ -43,27 +47,39 @@ class DemoResults:
     comparisons: list[dict]
     wise_ft_alpha: float
     seconds: dict[str, float]
+    diagnostics: dict
 
     def table(self) -> str:
-        """The results table: accuracy in percent with its 95% interval, and the mean over the
-        shifted sets."""
-        scores = {
-            model: {name: result.to_dict() for name, result in per_set.items()}
-            for model, per_set in self.results.items()
-        }
-        return results_table(scores, cost=self.cost)
+        """The results table: accuracy in percent with its 95% interval."""
+        return results_table(_summaries(self.results), cost=self.cost)
+
+    def comparisons_table(self) -> str:
+        """Each soup, the ensemble and WiSE-FT against the best individual model, paired on the
+        same examples: difference in points, McNemar p-value, ``*`` beyond noise."""
+        return comparisons_table(self.comparisons, baseline="best individual")
 
     def to_dict(self) -> dict:
         return {
-            "results": {
-                model: {name: result.to_dict() for name, result in per_set.items()}
-                for model, per_set in self.results.items()
-            },
+            "results": _summaries(self.results),
             "inference_cost": self.cost,
             "comparisons": self.comparisons,
             "wise_ft_alpha": self.wise_ft_alpha,
+            "diagnostics": self.diagnostics,
             "seconds": self.seconds,
         }
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread for the block. The demo's models are tiny, so a second
+    thread gains little, while two threads contending with any other busy process on a 2-core
+    machine made every step 6-12x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def shifted_validation(data: DemoData) -> dict[str, datasets.Dataset]:
@@ -102,7 +118,8 @@ def run_demo(
         clock = now
 
     accelerator = Accelerator(cpu=True)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as work:
+    out = Path(out_dir)
+    with one_thread(), atomic_output_dir(out, overwrite=overwrite) as work:
         data = load_demo_data(seed)
         zero_shot = pretrain_zero_shot(work / "zero_shot", data, size, seed, progress=progress)
         lap("pre-training")
@@ -124,12 +141,19 @@ def run_demo(
             results[name] = {key: ev.evaluate(model, name=name) for key, ev in report_sets.items()}
 
         score("zero-shot", load_model(zero_shot))
-        builder = SoupBuilder.from_pretrained([str(f) for f in folders])
+
+        # Built in a temporary folder renamed at the end: record where each model will be.
+        def final(folder: Path) -> Ingredient:
+            return Ingredient.from_folder(folder, source=str(out / folder.relative_to(work)))
+
+        builder = SoupBuilder([final(folder) for folder in folders])
+        diagnostics = builder.check(held_out, points=3, progress=False)
+        lap("diagnostics")
         greedy = builder.greedy(held_out)
         for ingredient in builder.ingredients:
-            score(ingredient.path.name, load_model(ingredient))
+            score(ingredient.name, load_model(ingredient))
         best_name = max(builder.ingredients, key=lambda i: builder.individual_scores[i.name])
-        results["best individual"] = results[best_name.path.name]
+        results["best individual"] = results[best_name.name]
         soups: dict[str, Soup] = {
             "uniform soup": builder.uniform(),
             "greedy soup": greedy,
@@ -146,10 +170,12 @@ def run_demo(
         del models
         lap("soups and ensemble")
 
+        greedy.scores = _summaries(results)
         greedy_dir = greedy.save_pretrained(work / "greedy_soup", progress=False)
+        write_card(greedy_dir, model_name="hf-soups demo greedy soup")
         wise = choose_wise_ft(
-            zero_shot,
-            greedy_dir,
+            final(zero_shot),
+            final(greedy_dir),
             in_distribution={"validation": held_out},
             shifted={
                 name: evaluator(dataset, name) for name, dataset in shifted_validation(data).items()
@@ -169,25 +195,23 @@ def run_demo(
             for model in ["uniform soup", "greedy soup", "learned soup", "ensemble", wise_name]
             for key in report_sets
         ]
-        demo = DemoResults(results, cost, comparisons, wise.alpha, seconds)
-        greedy.scores = demo.to_dict()["results"]
-        (work / "greedy_soup" / "soup.json").write_text(
-            json.dumps({**_read(work / "greedy_soup"), **greedy.recipe()}, indent=2) + "\n"
-        )
-        write_card(work / "greedy_soup", model_name="hf-soups demo greedy soup")
+        demo = DemoResults(results, cost, comparisons, wise.alpha, seconds, diagnostics.to_dict())
         wise.save_pretrained(work / "wise_ft", progress=False)
         write_card(work / "wise_ft", model_name="hf-soups demo WiSE-FT")
         for model, per_set in results.items():
             for key, result in per_set.items():
                 result.save(work / "predictions" / f"{_slug(model)}__{key}.json")
         (work / "results.json").write_text(json.dumps(demo.to_dict(), indent=2) + "\n")
-        (work / "results.md").write_text(demo.table() + "\n")
+        (work / "results.md").write_text(demo.table() + "\n\n" + demo.comparisons_table() + "\n")
         lap("writing")
     return demo
 
 
-def _read(folder: Path) -> dict:
-    return json.loads((folder / "soup.json").read_text())
+def _summaries(results: dict[str, dict[str, EvalResult]]) -> dict[str, dict[str, dict]]:
+    return {
+        model: {name: result.to_dict() for name, result in per_set.items()}
+        for model, per_set in results.items()
+    }
 
 
 def _slug(name: str) -> str:

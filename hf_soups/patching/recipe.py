@@ -58,6 +58,7 @@ __all__ = [
     "load_eval_recipe",
     "load_eval_set",
     "parse_alphas",
+    "read_recipe_file",
     "resolve_path",
 ]
 
@@ -79,6 +80,20 @@ _TOP_KEYS = {"eval_sets", "select", "alphas", "zero_shot", "fine_tuned", "out"}
 
 class RecipeError(HfSoupsError, ValueError):
     """A recipe file is malformed; the message names the file and the key."""
+
+
+def read_recipe_file(file: Path, known_keys: set[str]) -> dict[str, Any]:
+    """A YAML recipe's top-level mapping, refusing keys outside ``known_keys``."""
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{file}: invalid YAML ({error})") from None
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{file}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - known_keys)
+    if unknown:
+        raise RecipeError(f"{file}: unknown key {unknown[0]!r} (known: {sorted(known_keys)})")
+    return dict(raw)
 
 
 def parse_alphas(spec: str | float | Sequence[float]) -> list[float]:
@@ -257,15 +272,7 @@ def load_eval_recipe(
     """
     file = Path(path)
     base = file.parent
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{file}: invalid YAML ({error})") from None
-    if not isinstance(raw, Mapping):
-        raise RecipeError(f"{file}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise RecipeError(f"{file}: unknown key {unknown[0]!r} (known: {sorted(_TOP_KEYS)})")
+    raw = read_recipe_file(file, _TOP_KEYS)
     models = {
         key: resolve_path(str(raw[key]), base) if raw.get(key) is not None else None
         for key in ("zero_shot", "fine_tuned")
