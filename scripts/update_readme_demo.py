@@ -1,6 +1,6 @@
 """Put the demo's results table (demo_output/results.md) into README.md between its markers.
 
-    bash scripts/demo.sh && .venv/bin/python scripts/update_readme_demo.py [demo_output]
+bash scripts/demo.sh && .venv/bin/python scripts/update_readme_demo.py [demo_output]
 """
 
 import sys

@@ -97,7 +97,9 @@ def test_greedy_follows_the_papers_loop(pool):
     states = [file_state(f) for f in folders]
 
     def file_score(state):
-        return -float(sum(((state[k].double() - target[k].double()) ** 2).sum() for k in target) ** 0.5)
+        return -float(
+            sum(((state[k].double() - target[k].double()) ** 2).sum() for k in target) ** 0.5
+        )
 
     expected, expected_score = paper_greedy(states, file_score)
     assert [i.source for i in soup.ingredients] == [str(folders[i]) for i in expected]
@@ -182,7 +184,9 @@ def test_learned_soup_recovers_known_coefficients(tmp_path):
         model.save_pretrained(tmp_path / f"m{i}")
         states.append(file_state(tmp_path / f"m{i}"))
     teacher_state = {k: 0.3 * states[0][k] + 0.7 * states[1][k] for k in states[0]}
-    teacher = ViTForImageClassification.from_pretrained(None, config=CONFIG, state_dict=teacher_state)
+    teacher = ViTForImageClassification.from_pretrained(
+        None, config=CONFIG, state_dict=teacher_state
+    )
     data = _teacher_dataset(teacher.eval(), 2000, seed=0)
     builder = SoupBuilder.from_pretrained([str(tmp_path / "m0"), str(tmp_path / "m1")])
     soup = builder.learned(data, epochs=10, lr=0.1, batch_size=250, progress=False)

@@ -19,6 +19,7 @@ from hf_soups.errors import InvalidWeightsError
 TensorLoader = Callable[..., torch.Tensor]
 """``load(out=None)``: the tensor in float32, read into ``out`` (same shape) when given."""
 
+
 class MergeMethod(ABC):
     """A rule combining the ingredients' float32 tensors of one name into one tensor."""
 
