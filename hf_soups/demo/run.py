@@ -28,7 +28,7 @@ from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.models import load_model
 from hf_soups.output import atomic_output_dir
-from hf_soups.patching import choose_wise_ft
+from hf_soups.patching import DEFAULT_ALPHAS, choose_wise_ft
 from hf_soups.report import comparisons_table, results_table
 from hf_soups.soup import Soup, SoupBuilder
 from hf_soups.stats import paired_comparison
@@ -36,6 +36,7 @@ from hf_soups.stats import paired_comparison
 logger = logging.getLogger(__name__)
 
 ID_SET = "test"
+FAST_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -180,6 +181,7 @@ def run_demo(
             shifted={
                 name: evaluator(dataset, name) for name, dataset in shifted_validation(data).items()
             },
+            alphas=FAST_ALPHAS if fast else DEFAULT_ALPHAS,
             progress=progress,
         )
         wise_name = f"WiSE-FT (greedy soup, alpha={wise.alpha:g})"
