@@ -330,11 +330,6 @@ class SoupBuilder:
         )
         return self.diagnostics
 
-    @property
-    def individual_scores(self) -> dict[str, float]:
-        """Each ingredient's held-out score (after :meth:`score_ingredients` or a greedy soup)."""
-        return dict(self._individual)
-
     # -- scoring --------------------------------------------------------------------------
 
     def _record(self, model_name: str, eval_name: str, result: EvalResult | None, value: float):
@@ -369,11 +364,18 @@ class SoupBuilder:
                 self._record(ingredient.name, eval_name, result, result.score)
         self._record_best_individual()
 
-    def _record_best_individual(self) -> None:
+    @property
+    def best_individual(self) -> str | None:
+        """Name of the ingredient with the best held-out score (None before scoring)."""
         if not self._individual:
-            return
+            return None
         sign = 1.0 if self._maximize else -1.0
-        best = max(self._individual, key=lambda name: sign * self._individual[name])
+        return max(self._individual, key=lambda name: sign * self._individual[name])
+
+    def _record_best_individual(self) -> None:
+        best = self.best_individual
+        if best is None:
+            return
         self.scores["best individual"] = {
             eval_name: {**entry, "model": best} for eval_name, entry in self.scores[best].items()
         }
@@ -605,8 +607,3 @@ def _complete(state: dict[str, torch.Tensor], template: Ingredient) -> dict[str,
         name: state[name].to(info.dtype) if name in state else template.read(name)
         for name, info in template.tensors.items()
     }
-
-
-def read_recipe(folder: str | os.PathLike) -> dict:
-    """The recipe (``soup.json``) of a merged folder."""
-    return json.loads((Path(folder) / RECIPE_FILE).read_text())

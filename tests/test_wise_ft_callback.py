@@ -50,13 +50,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 N_TRAIN, N_EVAL = 320, 160
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @cache

@@ -153,8 +153,7 @@ def run_demo(
         greedy = builder.greedy(held_out)
         for ingredient in builder.ingredients:
             score(ingredient.name, load_model(ingredient))
-        best_name = max(builder.ingredients, key=lambda i: builder.individual_scores[i.name])
-        results["best individual"] = results[best_name.name]
+        results["best individual"] = results[builder.best_individual]
         soups: dict[str, Soup] = {
             "uniform soup": builder.uniform(),
             "greedy soup": greedy,
