@@ -83,6 +83,19 @@ def get_pretrain_config(size: str | PretrainConfig) -> PretrainConfig:
 
 
 @contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread for the block, then restore the setting. The demo's
+    models are tiny, so a second thread gains little, while two threads contending with any
+    other busy process on a 2-core machine made every step 6-12x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seed torch, insist on deterministic kernels and use one intra-op thread for the block.
 
@@ -90,15 +103,14 @@ def deterministic(seed: int) -> Iterator[None]:
     count, and the demo's tiny matrices gain nothing from more: on a busy 2-core machine, two
     threads made a fine-tuning run over ten times slower than one. Settings are restored after.
     """
-    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    previous = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
     try:
-        yield
+        with one_thread():
+            yield
     finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.set_num_threads(previous[1])
+        torch.use_deterministic_algorithms(previous)
 
 
 @contextmanager

@@ -11,19 +11,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import torch
 from accelerate import Accelerator
 
 from hf_soups.cards import write_card
 from hf_soups.demo.data import SHIFTS, DemoData, load_demo_data, to_dataset
 from hf_soups.demo.finetune import finetune_sweep
-from hf_soups.demo.pretrain import pretrain_zero_shot
+from hf_soups.demo.pretrain import one_thread, pretrain_zero_shot
 from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.models import load_model
@@ -68,19 +65,6 @@ class DemoResults:
             "diagnostics": self.diagnostics,
             "seconds": self.seconds,
         }
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread for the block. The demo's models are tiny, so a second
-    thread gains little, while two threads contending with any other busy process on a 2-core
-    machine made every step 6-12x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def shifted_validation(data: DemoData) -> dict[str, datasets.Dataset]:
