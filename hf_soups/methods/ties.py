@@ -130,3 +130,11 @@ class TIES(MergeMethod):
 
     def parameters(self) -> dict:
         return {"density": self.density, "scaling": self.scaling, "sign_election": "total"}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> TIES:
+        # The sign election is recorded for readers; "total" is the only one implemented.
+        parameters = dict(parameters)
+        if parameters.pop("sign_election", "total") != "total":
+            raise ValueError("sign_election: only 'total' (the paper's) is implemented")
+        return cls(**parameters)
