@@ -139,10 +139,9 @@ class EMACallback(WeightAveragingCallback):
             share = self.first_weights_share(last, first_update=last - self.n_averaged + 1)
             if share > self.max_first_weights_share:
                 logger.warning(
-                    "EMACallback: after %d updates, %.0f%% of the average is still the weights "
-                    "of its first update (decay=%g, use_warmup=%s): the average has barely moved "
-                    "from where training began; use the warm-up or a lower decay for a run this "
-                    "short",
+                    "EMACallback: after %d updates the average still holds %.1f%% of the "
+                    "weights of its first update, where training began (decay=%g, "
+                    "use_warmup=%s); for a run this short use the warm-up or a lower decay",
                     self.n_averaged,
                     100 * share,
                     self.decay,
