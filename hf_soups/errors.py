@@ -42,3 +42,7 @@ class MissingBaseError(HfSoupsError, ValueError):
 
 class RecipeError(HfSoupsError, ValueError):
     """A recipe (YAML or ``soup.json``) is malformed: unknown keys, wrong types, bad values."""
+
+
+class CallbackConflictError(HfSoupsError, ValueError):
+    """Two Trainer callbacks would undo each other (both load their weights at the end)."""
