@@ -89,7 +89,7 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
     """Index every safetensors weights file at the top of ``folder``.
 
     ``*.safetensors.index.json`` files are honoured: every tensor they list must be in the file
-    they name, a file inside the folder. Files that no index mentions are indexed on their own
+    they name, a file inside the folder, and every tensor of that file must be listed. Files that no index mentions are indexed on their own
     (open_clip keeps ``open_clip_model.safetensors``; hf_soups stores classification heads beside
     it). Symlinks are followed only when they resolve inside the folder (or, for a Hub cache
     snapshot, into its blob store).
@@ -103,7 +103,8 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
     for index_file in sorted(folder.glob("*.safetensors.index.json")):
         group = index_file.name.removesuffix(".safetensors.index.json")
         headers: dict[str, dict[str, TensorInfo]] = {}
-        for name, file_name in _read_weight_map(index_file, roots).items():
+        weight_map = _read_weight_map(index_file, roots)
+        for name, file_name in weight_map.items():
             if file_name not in headers:
                 shard = _shard_file(folder, roots, index_file, name, file_name)
                 headers[file_name] = read_safetensors_header(shard, group)
@@ -113,6 +114,13 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
                     f"{index_file}: tensor {name!r} is listed in {file_name!r} but not stored there"
                 )
             index[name] = headers[file_name][name]
+        for file_name, header in headers.items():
+            unlisted = sorted(name for name in header if weight_map.get(name) != file_name)
+            if unlisted:
+                raise CorruptedCheckpointError(
+                    f"{index_file}: shard {file_name!r} holds tensor {unlisted[0]!r}, which the "
+                    "index does not list there"
+                )
     for file in sorted(folder.glob("*.safetensors")):
         if file in indexed_files:
             continue
