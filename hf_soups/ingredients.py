@@ -1,145 +1,48 @@
 """Ingredients: one checkpoint each, indexed lazily from its safetensors headers.
 
 An :class:`Ingredient` knows where a checkpoint lives, which tensors it holds (name -> file,
-dtype, shape, byte range) and its config, without reading any weights. Tensors are read one at a
-time with plain file reads into fresh buffers rather than through ``mmap``: a merge that keeps N
-files mapped grows its resident memory by the size of every page it touched, so reading into
-buffers is what keeps a streaming merge's memory flat in the number of ingredients.
+dtype, shape, byte range) and its config, without reading any weights. Headers are validated and
+tensors read by :mod:`hf_soups.safetensors_io`; every file is opened through
+:mod:`hf_soups.checkpoint_files`, so a folder can only make hf_soups read regular files inside it
+(or in the Hub cache's blob store its snapshot links to).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from hf_soups.checkpoint_files import (
+    is_relative_name,
+    read_json_object,
+    readable_roots,
+    resolves_inside,
+)
 from hf_soups.errors import (
     CorruptedCheckpointError,
     IncompatibleIngredientsError,
     UnsafeCheckpointError,
 )
 from hf_soups.recipe.schema import Source
+from hf_soups.safetensors_io import (  # noqa: F401 - re-exported: they were defined here
+    SAFETENSORS_DTYPES,
+    TensorInfo,
+    read_safetensors_header,
+    read_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONFIG_FILES = ("config.json", "open_clip_config.json")
 INGREDIENT_METADATA_FILE = "ingredient.json"
-# The safetensors format caps its JSON header at 100 MB; anything larger is a corrupted length.
-_MAX_HEADER_BYTES = 100_000_000
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, dtype, shape and byte range within the file."""
-
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    group: str
-    """Name of the weights file family the tensor belongs to (``model`` for
-    ``model.safetensors`` or ``model-0000k-of-0000n.safetensors``), kept in the merged output."""
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def read_safetensors_header(file: Path, group: str) -> dict[str, TensorInfo]:
-    """Index the tensors of one safetensors file from its header, validating every entry.
-
-    Raises:
-        CorruptedCheckpointError: naming the file (and tensor) when the header is malformed or the
-            file is shorter than its header says (a truncated download, say).
-    """
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        raw_length = handle.read(8)
-        if len(raw_length) < 8:
-            raise CorruptedCheckpointError(f"{file}: not a safetensors file ({size} bytes)")
-        header_length = int.from_bytes(raw_length, "little")
-        if header_length > min(_MAX_HEADER_BYTES, size - 8):
-            raise CorruptedCheckpointError(
-                f"{file}: header length {header_length} does not fit a file of {size} bytes "
-                "(truncated or not a safetensors file)"
-            )
-        try:
-            header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CorruptedCheckpointError(f"{file}: unreadable safetensors header ({error})")
-    if not isinstance(header, dict):
-        raise CorruptedCheckpointError(f"{file}: safetensors header is not a JSON object")
-    data_start = 8 + header_length
-    index = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(dim) for dim in entry["shape"])
-            begin, end = (int(offset) for offset in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise CorruptedCheckpointError(
-                f"{file}: tensor {name!r} has a malformed entry ({error})"
-            )
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected or begin < 0:
-            raise CorruptedCheckpointError(
-                f"{file}: tensor {name!r} spans {end - begin} bytes, its shape {list(shape)} "
-                f"and dtype {entry['dtype']} need {expected}"
-            )
-        if data_start + end > size:
-            raise CorruptedCheckpointError(
-                f"{file}: tensor {name!r} ends at byte {data_start + end} but the file has only "
-                f"{size} bytes (truncated)"
-            )
-        index[name] = TensorInfo(file, dtype, shape, data_start + begin, expected, group)
-    return index
-
-
-def read_tensor(info: TensorInfo, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor into a CPU buffer: ``out`` when given (a contiguous tensor of the stored
-    dtype and size, reused so that repeated reads cost no new pages), else a fresh one. No
-    memory map stays behind."""
-    if out is None:
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    elif out.dtype != info.dtype or out.numel() != info.numel or not out.is_contiguous():
-        raise ValueError(f"tensor {name!r}: buffer of {out.dtype} {list(out.shape)} does not fit")
-    else:
-        buffer = out.view(-1).view(torch.uint8)
-    with open(info.file, "rb") as handle:
-        handle.seek(info.offset)
-        got = handle.readinto(memoryview(buffer.numpy())) if info.nbytes else 0
-    if got != info.nbytes:
-        raise CorruptedCheckpointError(
-            f"{info.file}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes)"
-        )
-    return buffer.view(info.dtype).reshape(info.shape)
 
 
 def _weights_group(file_name: str) -> str:
@@ -151,39 +54,81 @@ def _weights_group(file_name: str) -> str:
     return stem
 
 
+def _read_weight_map(index_file: Path, roots: tuple[Path, ...]) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name -> shard file name, checked by type."""
+    weight_map = read_json_object(index_file, roots).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptedCheckpointError(
+            f"{index_file}: unreadable shard index (weight_map is "
+            f"{'missing' if weight_map is None else 'not a JSON object'})"
+        )
+    for name, file_name in weight_map.items():
+        if not isinstance(file_name, str):
+            raise CorruptedCheckpointError(
+                f"{index_file}: tensor {name!r} maps to {type(file_name).__name__} "
+                f"{json.dumps(file_name)[:40]}, not a shard file name"
+            )
+    return weight_map
+
+
+def _shard_file(
+    folder: Path, roots: tuple[Path, ...], index_file: Path, name: str, file_name: str
+) -> Path:
+    """The shard an index entry names, refused unless it lies inside the checkpoint folder."""
+    where = f"{index_file}: shard {file_name!r} (holding tensor {name!r})"
+    if not is_relative_name(file_name):
+        raise CorruptedCheckpointError(f"{where} is not a file name inside the checkpoint folder")
+    shard = folder / file_name
+    if not resolves_inside(shard, roots):
+        raise CorruptedCheckpointError(f"{where} resolves outside the checkpoint folder")
+    if not shard.exists():
+        raise CorruptedCheckpointError(f"{where} is missing")
+    return shard
+
+
 def index_folder(folder: Path) -> dict[str, TensorInfo]:
     """Index every safetensors weights file at the top of ``folder``.
 
     ``*.safetensors.index.json`` files are honoured: every tensor they list must be in the file
-    they name. Files that no index mentions are indexed on their own (open_clip keeps
-    ``open_clip_model.safetensors``; hf_soups stores classification heads beside it).
+    they name, a file inside the folder, and every tensor of that file must be listed. Files that no index mentions are indexed on their own
+    (open_clip keeps ``open_clip_model.safetensors``; hf_soups stores classification heads beside
+    it). Symlinks are followed only when they resolve inside the folder (or, for a Hub cache
+    snapshot, into its blob store).
+
+    Raises:
+        CorruptedCheckpointError: naming the file (and the index entry or tensor) at fault.
     """
+    roots = readable_roots(folder)
     index: dict[str, TensorInfo] = {}
-    indexed_files: set[str] = set()
+    indexed_files: set[Path] = set()
     for index_file in sorted(folder.glob("*.safetensors.index.json")):
         group = index_file.name.removesuffix(".safetensors.index.json")
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CorruptedCheckpointError(f"{index_file}: unreadable shard index ({error})")
         headers: dict[str, dict[str, TensorInfo]] = {}
+        weight_map = _read_weight_map(index_file, roots)
         for name, file_name in weight_map.items():
             if file_name not in headers:
-                shard = folder / file_name
-                if not shard.is_file():
-                    raise CorruptedCheckpointError(
-                        f"{index_file}: shard {file_name!r} (holding tensor {name!r}) is missing"
-                    )
+                shard = _shard_file(folder, roots, index_file, name, file_name)
                 headers[file_name] = read_safetensors_header(shard, group)
+                indexed_files.add(shard)
             if name not in headers[file_name]:
                 raise CorruptedCheckpointError(
                     f"{index_file}: tensor {name!r} is listed in {file_name!r} but not stored there"
                 )
             index[name] = headers[file_name][name]
-        indexed_files.update(headers)
+        for file_name, header in headers.items():
+            unlisted = sorted(name for name in header if weight_map.get(name) != file_name)
+            if unlisted:
+                raise CorruptedCheckpointError(
+                    f"{index_file}: shard {file_name!r} holds tensor {unlisted[0]!r}, which the "
+                    "index does not list there"
+                )
     for file in sorted(folder.glob("*.safetensors")):
-        if file.name in indexed_files:
+        if file in indexed_files:
             continue
+        if not resolves_inside(file, roots):
+            raise CorruptedCheckpointError(
+                f"{file}: a symlink that resolves outside the checkpoint folder"
+            )
         for name, info in read_safetensors_header(file, _weights_group(file.name)).items():
             if name in index:
                 raise CorruptedCheckpointError(
@@ -311,16 +256,18 @@ class Ingredient:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})")
+    return read_json_object(file, readable_roots(file.parent))
 
 
 def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[str, TensorInfo]]:
     state: dict[str, torch.Tensor] = {}
     index: dict[str, TensorInfo] = {}
     for file in files:
+        if not resolves_inside(file, readable_roots(file.parent)):
+            raise CorruptedCheckpointError(f"{file}: a symlink that resolves outside its folder")
+        # Checked before torch.load, which would block on a FIFO.
+        if not stat.S_ISREG(file.stat().st_mode):
+            raise CorruptedCheckpointError(f"{file}: not a regular file")
         logger.warning("Loading pickle checkpoint %s with torch.load(weights_only=True)", file)
         try:
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

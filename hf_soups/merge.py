@@ -21,10 +21,14 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hf_soups.errors import IncompatibleIngredientsError, NonFiniteWeightsError, RecipeError
+from hf_soups.checkpoint_files import open_regular, readable_roots, resolves_inside
+from hf_soups.errors import (
+    CorruptedCheckpointError,
+    IncompatibleIngredientsError,
+    NonFiniteWeightsError,
+    RecipeError,
+)
 from hf_soups.ingredients import (
-    INGREDIENT_METADATA_FILE,
-    PICKLE_SUFFIXES,
     Ingredient,
     TensorInfo,
     check_compatible,
@@ -36,14 +40,38 @@ from hf_soups.methods.base import (
     check_method_inputs,
 )
 from hf_soups.output import atomic_output_dir
-from hf_soups.recipe.schema import RECIPE_FILE, Recipe
+from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
-# Files of the template folder that are not copied: weights (rewritten), recipes and cards
-# (written anew), and training state.
-_NOT_COPIED_SUFFIXES = (".safetensors", ".msgpack", ".h5", *PICKLE_SUFFIXES)
-_NOT_COPIED_NAMES = {RECIPE_FILE, INGREDIENT_METADATA_FILE, "README.md", "trainer_state.json"}
+COPIED_FILES = frozenset(
+    {
+        # configs
+        "config.json",
+        "generation_config.json",
+        "open_clip_config.json",
+        # image, video and multimodal processors, feature extractors
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        # tokenizers and chat templates
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "tokenizer.model",
+        "chat_template.json",
+        "chat_template.jinja",
+    }
+)
+"""The files a merged folder takes from its first ingredient, besides the merged weights. Only
+these: other weight formats (ONNX, GGUF, OpenVINO, TensorFlow, Flax, pickles) would be weights
+left unmerged, and any other file may be private (notes, credentials, training state)."""
 
 IngredientLike = Ingredient | str | os.PathLike
 
@@ -74,16 +102,44 @@ def _loader(ingredient: Ingredient, name: str) -> TensorLoader:
 def _check_finite(
     tensor: torch.Tensor, name: str, ingredients: Sequence[Ingredient], allow_non_finite: bool
 ) -> None:
+    """Check ``tensor`` as it will be written, after the cast to the output dtype: a value
+    beyond float16's range is finite in float32 and infinite once cast."""
     # NaN and inf propagate through a sum, so a finite sum proves every value finite at a
-    # twentieth of the cost of an elementwise isfinite; only an overflowing sum needs that.
-    if math.isfinite(tensor.sum().item()) or torch.isfinite(tensor).all():
+    # twentieth of the cost of an elementwise isfinite; only an overflowing sum needs that. Half
+    # precision tensors are summed in float32, where their sum cannot overflow.
+    total = tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
+    if math.isfinite(total.item()) or torch.isfinite(tensor).all():
         return
     culprits = [i.name for i in ingredients if not torch.isfinite(i.read(name).float()).all()]
-    where = f" in {', '.join(culprits)}" if culprits else " after merging"
+    if culprits:
+        where = f" in {', '.join(culprits)}"
+    elif tensor.dtype != torch.float32:
+        where = f" after merging and casting to {str(tensor.dtype).removeprefix('torch.')}"
+    else:
+        where = " after merging"
     message = f"tensor {name!r} has NaN or infinite values{where}"
     if not allow_non_finite:
         raise NonFiniteWeightsError(message + " (pass allow_non_finite=True to merge anyway)")
     logger.warning(message)
+
+
+def _copied_buffer(name: str, ingredients: Sequence[Ingredient], source: int) -> torch.Tensor:
+    """An integer or boolean buffer, copied from ingredient ``source``; warns, naming the
+    ingredients, when others hold different values (the output can hold only one of them)."""
+    copied = ingredients[source].read(name)
+    differing = [
+        ingredient.name
+        for index, ingredient in enumerate(ingredients)
+        if index != source and not torch.equal(ingredient.read(name), copied)
+    ]
+    if differing:
+        logger.warning(
+            "tensor %r: integer buffer copied from %s, whose values differ in %s",
+            name,
+            ingredients[source].name,
+            ", ".join(differing),
+        )
+    return copied
 
 
 def merged_tensors(
@@ -92,22 +148,32 @@ def merged_tensors(
     names: Sequence[str],
     *,
     base: Ingredient | None = None,
+    dtype: torch.dtype | None = None,
     allow_non_finite: bool = False,
 ):
-    """Yield ``(name, float32 merged tensor)`` for ``names``; non-float tensors are copied from
-    the first ingredient (position ids and other integer buffers are not averaged)."""
+    """Yield ``(name, tensor)`` for ``names``, as written to the output.
+
+    Floating tensors are merged by ``method`` in float32, cast to ``dtype`` (default: the first
+    ingredient's dtype of each tensor) and then checked finite. Integer and boolean buffers
+    (position ids and the like) are not averaged: they are copied from the ingredient
+    ``method.buffer_source`` names (the first with a non-zero weight), with a warning when the
+    ingredients disagree.
+    """
     template = ingredients[0]
+    source = method.buffer_source(len(ingredients))
     for name in names:
-        if not template.tensors[name].dtype.is_floating_point:
-            yield name, template.read(name)
+        info = template.tensors[name]
+        if not info.dtype.is_floating_point:
+            yield name, _copied_buffer(name, ingredients, source)
             continue
         merged = method.merge_tensor(
             name,
             [_loader(ingredient, name) for ingredient in ingredients],
             _loader(base, name) if base is not None else None,
         )
-        _check_finite(merged, name, [*ingredients, *([base] if base else [])], allow_non_finite)
-        yield name, merged
+        written = merged.to(_cast_dtype(info, dtype))
+        _check_finite(written, name, [*ingredients, *([base] if base else [])], allow_non_finite)
+        yield name, written
 
 
 def _prepare(
@@ -154,17 +220,16 @@ def weighted_state_dict(
     into a model with :func:`hf_soups.models.load_model`.
     """
     ingredients, method, base = _prepare(ingredients, weights, method, base)
-    template = ingredients[0]
-    return {
-        name: _cast(tensor, template.tensors[name], dtype)
-        for name, tensor in merged_tensors(
+    return dict(
+        merged_tensors(
             ingredients,
             method,
-            _ordered_names(template),
+            _ordered_names(ingredients[0]),
             base=base,
+            dtype=dtype,
             allow_non_finite=allow_non_finite,
         )
-    }
+    )
 
 
 def float_state(ingredient: Ingredient) -> dict[str, torch.Tensor]:
@@ -183,17 +248,12 @@ def complete_state_dict(
     """A full state dict, keyed as on disk, from merged float32 tensors: cast by the engine's
     dtype rule, with the template's non-floating buffers."""
     return {
-        name: _cast(float_tensors[name], info, dtype)
+        name: float_tensors[name].to(_cast_dtype(info, dtype))
         if info.dtype.is_floating_point
         else template.read(name)
         for name, info in template.tensors.items()
     }
 
-
-def _cast(tensor: torch.Tensor, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
-    if not info.dtype.is_floating_point:
-        return tensor
-    return tensor.to(dtype or info.dtype)
 
 
 def plan_shards(
@@ -228,21 +288,34 @@ def plan_shards(
 
 
 def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
+    """The output dtype of a tensor: ``dtype`` (default: as stored) for floating tensors;
+    integer and boolean buffers keep theirs."""
     return (dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
 
 
 def copy_extra_files(source: Path, destination: Path, *, keep_existing: bool = False) -> None:
-    """Copy config, processor and tokenizer files (everything but weights and recipes);
-    with ``keep_existing``, files already in ``destination`` are left as they are."""
-    for file in sorted(source.iterdir()):
-        if (
-            file.is_file()
-            and not (keep_existing and (destination / file.name).exists())
-            and not file.name.endswith(_NOT_COPIED_SUFFIXES)
-            and not file.name.endswith(".safetensors.index.json")
-            and file.name not in _NOT_COPIED_NAMES
-        ):
-            shutil.copy(file, destination / file.name)
+    """Copy the config, processor and tokenizer files of :data:`COPIED_FILES` found in
+    ``source``; with ``keep_existing``, files already in ``destination`` are left as they are.
+
+    What is copied is a regular file's content, never a link: a file that resolves outside
+    ``source`` (or, for a Hub cache snapshot, its blob store) or is not a regular file is skipped
+    with a warning.
+    """
+    roots = readable_roots(source)
+    for name in sorted(COPIED_FILES):
+        file, target = source / name, destination / name
+        if not os.path.lexists(file) or (keep_existing and target.exists()):
+            continue
+        if not resolves_inside(file, roots):
+            logger.warning("Not copying %s: a symlink that resolves outside %s", file, source)
+            continue
+        try:
+            handle = open_regular(file)
+        except (CorruptedCheckpointError, OSError) as error:
+            logger.warning("Not copying %s: %s", file, error)
+            continue
+        with handle, open(target, "wb") as copy:
+            shutil.copyfileobj(handle, copy)
 
 
 def merge(
@@ -295,9 +368,14 @@ def merge(
         for file_name, names in shards:
             shard = {}
             for name, tensor in merged_tensors(
-                ingredients, method, names, base=base, allow_non_finite=allow_non_finite
+                ingredients,
+                method,
+                names,
+                base=base,
+                dtype=dtype,
+                allow_non_finite=allow_non_finite,
             ):
-                shard[name] = _cast(tensor, template.tensors[name], dtype).contiguous()
+                shard[name] = tensor.contiguous()
                 bar.update()
             save_file(shard, work_dir / file_name, metadata={"format": "pt"})
             del shard

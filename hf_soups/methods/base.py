@@ -8,6 +8,7 @@ method that needs all of them at once (TIES, Model Stock, ...) simply calls ever
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -15,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hf_soups.errors import InvalidWeightsError, MissingBaseError
+
+logger = logging.getLogger(__name__)
 
 TensorLoader = Callable[..., torch.Tensor]
 """``load(out=None)``: the tensor in float32, read into ``out`` (same shape) when given."""
@@ -45,9 +48,16 @@ class MergeMethod(ABC):
     def check(self, num_ingredients: int) -> None:  # noqa: B027 - optional hook
         """Validate the method's parameters against the number of ingredients."""
 
+    def buffer_source(self, num_ingredients: int) -> int:
+        """Index of the ingredient whose integer and boolean buffers (position ids and the like,
+        copied rather than merged) the output takes: the first one, unless a method weighs it
+        out."""
+        return 0
+
 
 def check_weights(weights: Sequence[float], num_ingredients: int) -> list[float]:
-    """Validate mixing weights: one finite number per ingredient."""
+    """Validate mixing weights: one finite number per ingredient, not summing to zero (which
+    would scale every merged tensor to nothing, or to the difference of ingredients)."""
     weights = [float(weight) for weight in weights]
     if len(weights) != num_ingredients:
         raise InvalidWeightsError(
@@ -56,7 +66,14 @@ def check_weights(weights: Sequence[float], num_ingredients: int) -> list[float]
     bad = [weight for weight in weights if not math.isfinite(weight)]
     if bad:
         raise InvalidWeightsError(f"weights: {bad[0]} is not a finite number")
+    # Zero up to rounding: 0.1 + 0.2 - 0.3 is 2.8e-17, not 0.
+    if abs(math.fsum(weights)) <= 1e-9 * max(map(abs, weights), default=0.0):
+        raise InvalidWeightsError(f"weights: {weights} sum to zero")
     return weights
+
+
+# Weights from a softmax or 1/N sum to one only up to rounding.
+_SUM_TOLERANCE = 1e-5
 
 
 class WeightedAverage(MergeMethod):
@@ -73,7 +90,26 @@ class WeightedAverage(MergeMethod):
         self._buffer: torch.Tensor | None = None
 
     def check(self, num_ingredients: int) -> None:
+        """Validate the weights (:func:`check_weights`), and warn once when some are negative
+        or they do not sum to one: legitimate (extrapolation, task arithmetic) but also what a
+        typo looks like."""
         self.weights = check_weights(self.weights, num_ingredients)
+        total = math.fsum(self.weights)
+        unusual = []
+        if any(weight < 0 for weight in self.weights):
+            unusual.append("some are negative")
+        if abs(total - 1.0) > _SUM_TOLERANCE:
+            unusual.append(f"they sum to {total:g}, not 1")
+        if unusual:
+            logger.warning(
+                "weights %s: %s; the merged weights are scaled accordingly",
+                self.weights,
+                " and ".join(unusual),
+            )
+
+    def buffer_source(self, num_ingredients: int) -> int:
+        """The first ingredient with a non-zero weight: one weighted out contributes nothing."""
+        return next((i for i, weight in enumerate(self.weights) if weight != 0.0), 0)
 
     def merge_tensor(
         self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None

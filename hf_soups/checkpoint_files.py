@@ -1,0 +1,135 @@
+"""Opening the files of a checkpoint folder without trusting them.
+
+A checkpoint folder is input from anyone: its shard index can name any path on the machine, its
+files can be symlinks to anywhere, FIFOs or devices, and its JSON can be nested deep enough to
+crash a parser. So hf_soups opens a file of a folder only when
+
+- its path resolves inside the folder, or, for a snapshot of the Hugging Face Hub cache, inside
+  the repository's blob store (``models--org--name/blobs``), where the snapshot's symlinks point;
+- it is a regular file (checked on the open descriptor, so a FIFO cannot block the open).
+
+Nothing of a refused file is read, and no error message quotes a file's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from hf_soups.errors import CorruptedCheckpointError
+
+MAX_JSON_DEPTH = 127
+"""Deepest nesting of arrays and objects accepted in any JSON file of a checkpoint: serde_json's
+limit, so a safetensors header is refused here exactly when ``safetensors`` refuses it."""
+
+MAX_JSON_BYTES = 100_000_000
+"""Largest JSON file read (the cap safetensors puts on its header): configs, processor files and
+shard indexes are kilobytes."""
+
+# Hub cache layout: <cache>/models--org--name/{blobs/<hash>, snapshots/<commit>/<file> -> blobs}.
+_HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def readable_roots(folder: Path) -> tuple[Path, ...]:
+    """The folders whose files a checkpoint in ``folder`` may use: the folder itself, plus the
+    repository's blob store when ``folder`` is (inside) a Hub cache snapshot."""
+    resolved = Path(os.path.realpath(folder))
+    roots = [resolved]
+    for snapshot in (resolved, *resolved.parents):
+        repo = snapshot.parent.parent
+        if snapshot.parent.name == "snapshots" and repo.name.startswith(_HUB_REPO_PREFIXES):
+            if (repo / "blobs").is_dir():
+                roots.append(repo / "blobs")
+            break
+    return tuple(roots)
+
+
+def resolves_inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path``, with every symlink followed, lies inside one of ``roots``."""
+    resolved = Path(os.path.realpath(path))
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def is_relative_name(name: str) -> bool:
+    """Whether ``name`` (a file name read from a checkpoint, such as a shard index entry) is a
+    relative path that stays below its folder: not absolute, no ``..``, no NUL byte."""
+    if not name or "\0" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for binary reading if it is a regular file.
+
+    The open does not block (``O_NONBLOCK``: a FIFO would otherwise wait for a writer) and the
+    kind of file is checked on the open descriptor, so nothing can be swapped in between.
+
+    Raises:
+        CorruptedCheckpointError: when ``path`` is a folder, FIFO, socket or device.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise CorruptedCheckpointError(f"{path}: not a regular file")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    # O_NONBLOCK changes nothing for a regular file's reads.
+    return os.fdopen(descriptor, "rb")
+
+
+def check_json_depth(text: str, source: object) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH`, before a recursive parser sees it.
+
+    Brackets inside strings are dropped first; for text that is not JSON the count may be off,
+    but only past the point where the parser stops anyway.
+
+    Raises:
+        CorruptedCheckpointError: naming ``source``.
+    """
+    depth = deepest = 0
+    for bracket in _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise CorruptedCheckpointError(
+            f"{source}: JSON nested {deepest} deep, more than the {MAX_JSON_DEPTH} allowed"
+        )
+
+
+def read_json_object(file: Path, roots: Sequence[Path]) -> dict[str, Any]:
+    """Read a JSON object (config, processor or shard index file) of a checkpoint folder.
+
+    Raises:
+        CorruptedCheckpointError: naming ``file`` when it resolves outside ``roots``, is not a
+            regular file, is larger than :data:`MAX_JSON_BYTES`, or is not a JSON object.
+    """
+    if not resolves_inside(file, roots):
+        raise CorruptedCheckpointError(f"{file}: a symlink that resolves outside its folder")
+    with open_regular(file) as handle:
+        raw = handle.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CorruptedCheckpointError(f"{file}: larger than {MAX_JSON_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorruptedCheckpointError(f"{file}: not UTF-8 text (byte {error.start})") from None
+    check_json_depth(text, file)
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CorruptedCheckpointError(f"{file}: not a JSON object")
+    return value
