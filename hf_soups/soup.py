@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hf_soups.errors import HfSoupsError, InvalidWeightsError, MissingBaseError
-from hf_soups.evaluation import EvalResult, Evaluator
+from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
 from hf_soups.ingredients import INGREDIENT_METADATA_FILE, Ingredient, check_compatible
 from hf_soups.merge import (
     RECIPE_FILE,
@@ -221,19 +221,6 @@ class Soup:
         return results_table(self.scores)
 
 
-def _score(evaluator: Evaluator | ScoreFunction, model: nn.Module, name: str, metric: str | None):
-    """Score a model; returns ``(value, EvalResult or None)``."""
-    if isinstance(evaluator, Evaluator):
-        result = evaluator.evaluate(model, name=name)
-        return (result.metrics[metric] if metric else result.score), result
-    if callable(evaluator):
-        return float(evaluator(model)), None
-    raise TypeError(
-        f"evaluator: expected an Evaluator or a callable model -> float, got "
-        f"{type(evaluator).__name__}"
-    )
-
-
 class SoupBuilder:
     """Builds soups from ingredients fine-tuned from one pre-trained start.
 
@@ -342,7 +329,7 @@ class SoupBuilder:
         """Score every ingredient alone (each read once); recorded under its name."""
         eval_name = getattr(evaluator, "name", "held_out")
         for ingredient in self.ingredients:
-            value, result = _score(evaluator, load_model(ingredient), ingredient.name, metric)
+            value, result = as_scorer(evaluator, metric)(load_model(ingredient), ingredient.name)
             self._individual[ingredient.name] = value
             if result is not None:
                 self._individual_results[ingredient.name] = result
@@ -443,9 +430,10 @@ class SoupBuilder:
                 ties (``>=``).
             min_gain: a tolerance: the gain must exceed it (may be negative to accept
                 ingredients that cost at most that much).
-            noise_aware: also require the gain to be distinguishable from noise: an exact
-                McNemar test on the held-out examples at level ``significance`` (needs an
-                Evaluator with an accuracy-like metric). The paper's rule is the default.
+            noise_aware: also require the gain in ``metric`` to be distinguishable from noise
+                at level ``significance`` (:func:`hf_soups.stats.gain_is_significant`: exact
+                McNemar for 0/1 per-example values, else a paired bootstrap; needs an Evaluator
+                whose metric has per-example values). The paper's rule is the default.
             max_size: stop once the soup has this many ingredients.
         """
         if noise_aware and not isinstance(evaluator, Evaluator):
@@ -482,13 +470,19 @@ class SoupBuilder:
                 name: (running_sum[name] + t) / k for name, t in candidate_tensors.items()
             }
             model = load_model(best, _complete(soup_state, best))
-            score, result = _score(evaluator, model, f"greedy soup + {candidate.name}", metric)
+            score, result = as_scorer(evaluator, metric)(model, f"greedy soup + {candidate.name}")
             gain = sign * (score - best_score)
             accepted = gain > min_gain if strict else gain >= min_gain
             reason = f"gain {gain:+.4g}"
             if accepted and noise_aware:
-                accepted = gain_is_significant(result, best_result, "mcnemar", significance)
-                reason += ", significant" if accepted else ", within noise (McNemar)"
+                accepted = gain_is_significant(
+                    result,
+                    best_result,
+                    alpha=significance,
+                    metric=metric or result.score_metric,
+                    higher_is_better=maximize,
+                )
+                reason += ", significant" if accepted else ", within noise"
             trace.append(_trace_entry(candidate, individual, score, accepted, reason))
             logger.info(
                 "greedy: + %s -> %.4g (%s)%s",
