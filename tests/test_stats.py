@@ -2,10 +2,10 @@
 
 import json
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
+from references import mcnemar_closed_form, wilson_closed_form
 from scipy import stats as sps
 
 from hf_soups.errors import UnpairedResultsError
@@ -64,16 +64,6 @@ def test_wilson_covers_true_accuracy_about_95_percent(p, n):
     assert 0.92 <= covered / len(draws) <= 0.98
 
 
-def wilson_closed_form(k: int, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson (1927): centre (k + z^2/2) / (n + z^2), half-width
-    z sqrt(n) / (n + z^2) * sqrt(p (1 - p) + z^2 / (4 n))."""
-    z = sps.norm.ppf(1 - (1 - confidence) / 2)
-    p = k / n
-    centre = (k + z * z / 2) / (n + z * z)
-    half = z * math.sqrt(n) / (n + z * z) * math.sqrt(p * (1 - p) + z * z / (4 * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 @pytest.mark.parametrize(
     ("k", "n", "confidence"),
     [(0, 10, 0.95), (10, 10, 0.95), (7, 10, 0.95), (912, 1000, 0.95), (3, 50, 0.9), (40, 41, 0.99)],
@@ -82,15 +72,6 @@ def test_wilson_from_scipy_equals_the_closed_form(k, n, confidence):
     # wilson_interval is scipy's binomtest(...).proportion_ci(method="wilson"): same numbers.
     expected = wilson_closed_form(k, n, confidence)
     assert wilson_interval(k, n, confidence) == pytest.approx(expected, abs=1e-12)
-
-
-def mcnemar_closed_form(b: int, c: int) -> float:
-    """Exact McNemar: 2 * P(Binomial(b + c, 1/2) <= min(b, c)), capped at 1, in exact rationals."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = Fraction(sum(math.comb(n, j) for j in range(min(b, c) + 1)), 2**n)
-    return float(min(Fraction(1), 2 * tail))
 
 
 @pytest.mark.parametrize(("b", "c"), [(0, 1), (1, 0), (3, 9), (10, 30), (12, 8), (20, 20), (0, 25)])
