@@ -263,22 +263,7 @@ class PairedComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dictionary of every field."""
-        return {
-            "name_a": self.name_a,
-            "name_b": self.name_b,
-            "metric": self.metric,
-            "n": self.n,
-            "difference": self.difference,
-            "interval": list(self.interval),
-            "mcnemar_p": self.mcnemar_p,
-            "p_value": self.p_value,
-            "adjusted_p": self.adjusted_p,
-            "alpha": self.alpha,
-            "n_discordant": self.n_discordant,
-            "significant": self.significant,
-            "confidence": self.confidence,
-            "verdict": self.verdict,
-        }
+        return {**dataclasses.asdict(self), "interval": list(self.interval)}
 
     def with_adjusted_p(self, adjusted_p: float) -> PairedComparison:
         """This comparison judged by an adjusted p-value (significance and verdict redone)."""

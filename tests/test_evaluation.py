@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from launch import ACCELERATE_LAUNCH
 from references import wilson_closed_form
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, TensorDataset
@@ -273,7 +274,7 @@ def test_save_and_load_keep_per_example_outcomes(dataset, accelerator, tmp_path)
     assert loaded.interval("accuracy") == pytest.approx(wilson_interval(correct, N))
 
 
-def test_score_fn_accepts_evaluator_or_callable(dataset, accelerator):
+def test_score_fn_and_as_scorer_accept_evaluator_or_callable(dataset, accelerator):
     (model,) = make_models(1, seed=8)
     evaluator = Evaluator(
         dataset,
@@ -287,18 +288,7 @@ def test_score_fn_accepts_evaluator_or_callable(dataset, accelerator):
     assert score_fn(lambda m: 0.25)(model) == 0.25
     with pytest.raises(TypeError, match="Evaluator or a callable"):
         score_fn(3)
-
-
-def test_as_scorer_gives_the_value_and_the_result(dataset, accelerator):
-    (model,) = make_models(1, seed=8)
-    evaluator = Evaluator(
-        dataset,
-        ["accuracy", "top_2_accuracy"],
-        batch_size=8,
-        accelerator=accelerator,
-        progress=False,
-        primary_metric="top_2_accuracy",
-    )
+    # as_scorer, which score_fn wraps, also hands back the EvalResult.
     logits, labels = plain_logits(model, dataset), labels_of(dataset)
     accuracy = (logits.argmax(1) == labels).double().mean().item()
     top2 = (logits.topk(2, dim=1).indices == labels[:, None]).any(dim=1).double().mean().item()
@@ -419,9 +409,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# The launcher run through this interpreter: it needs no `accelerate` script on PATH, so a plain
-# `python -m pytest` runs the multi-process test instead of skipping it.
-ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 ACCELERATE_CONFIG = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: MULTI_GPU
