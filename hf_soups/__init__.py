@@ -6,13 +6,18 @@ from typing import TYPE_CHECKING
 from hf_soups.errors import (
     CorruptedCheckpointError,
     HfSoupsError,
+    HubPushError,
     IncompatibleIngredientsError,
     IngredientNotFoundError,
     InvalidWeightsError,
     MissingBaseError,
     NonFiniteWeightsError,
     OutputExistsError,
+    RecipeError,
+    UnpairedResultsError,
     UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+    ZeroShotTooWeakError,
 )
 
 # Public names and the modules that define them, imported on first use: the model families pull
@@ -32,17 +37,19 @@ _LAZY = {
     "patch": "hf_soups.patching",
     "sweep": "hf_soups.patching",
     "paired_comparison": "hf_soups.stats",
+    "holm_adjust": "hf_soups.stats",
+    "as_scorer": "hf_soups.evaluation",
 }
 
 if TYPE_CHECKING:
     from hf_soups.builder import SoupBuilder
-    from hf_soups.evaluation import EvalResult, Evaluator
+    from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
     from hf_soups.ingredients import Ingredient, check_compatible
     from hf_soups.merge import merge, weighted_state_dict
     from hf_soups.models import load_model
     from hf_soups.patching import choose_wise_ft, patch, sweep, wise_ft
     from hf_soups.soup import Soup
-    from hf_soups.stats import paired_comparison
+    from hf_soups.stats import holm_adjust, paired_comparison
 
 
 def __getattr__(name: str):
@@ -54,22 +61,29 @@ def __getattr__(name: str):
 __all__ = [
     "CorruptedCheckpointError",
     "HfSoupsError",
+    "HubPushError",
     "IncompatibleIngredientsError",
     "IngredientNotFoundError",
     "InvalidWeightsError",
     "MissingBaseError",
     "NonFiniteWeightsError",
     "OutputExistsError",
+    "RecipeError",
+    "UnpairedResultsError",
     "UnsafeCheckpointError",
+    "UnsupportedArchitectureError",
+    "ZeroShotTooWeakError",
     "EvalResult",
     "Evaluator",
     "Ingredient",
     "Soup",
     "SoupBuilder",
+    "as_scorer",
     "check_compatible",
     "choose_wise_ft",
     "load_model",
     "merge",
+    "holm_adjust",
     "paired_comparison",
     "patch",
     "sweep",

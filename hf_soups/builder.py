@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from hf_soups.errors import HfSoupsError, InvalidWeightsError
-from hf_soups.evaluation import EvalResult, Evaluator
+from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
 from hf_soups.greedy import AcceptanceRule, greedy_pass
 from hf_soups.ingredients import INGREDIENT_METADATA_FILE, Ingredient, check_compatible
 from hf_soups.merge import (
@@ -35,19 +35,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ScoreFunction = Callable[[nn.Module], float]
-
-
-def _score(evaluator: Evaluator | ScoreFunction, model: nn.Module, name: str, metric: str | None):
-    """Score a model; returns ``(value, EvalResult or None)``."""
-    if isinstance(evaluator, Evaluator):
-        result = evaluator.evaluate(model, name=name)
-        return (result.metrics[metric] if metric else result.score), result
-    if callable(evaluator):
-        return float(evaluator(model)), None
-    raise TypeError(
-        f"evaluator: expected an Evaluator or a callable model -> float, got "
-        f"{type(evaluator).__name__}"
-    )
 
 
 class SoupBuilder:
@@ -158,7 +145,7 @@ class SoupBuilder:
         """Score every ingredient alone (each read once); recorded under its name."""
         eval_name = getattr(evaluator, "name", "held_out")
         for ingredient in self.ingredients:
-            value, result = _score(evaluator, load_model(ingredient), ingredient.name, metric)
+            value, result = as_scorer(evaluator, metric)(load_model(ingredient), ingredient.name)
             self._individual[ingredient.name] = value
             if result is not None:
                 self._individual_results[ingredient.name] = result
@@ -265,9 +252,10 @@ class SoupBuilder:
                 ties (``>=``).
             min_gain: a tolerance: the gain must exceed it (may be negative to accept
                 ingredients that cost at most that much).
-            noise_aware: also require the gain to be distinguishable from noise: an exact
-                McNemar test on the held-out examples at level ``significance`` (needs an
-                Evaluator with an accuracy-like metric). The paper's rule is the default.
+            noise_aware: also require the gain in ``metric`` to be distinguishable from noise
+                at level ``significance`` (:func:`hf_soups.stats.gain_is_significant`: exact
+                McNemar for 0/1 per-example values, else a paired bootstrap; needs an Evaluator
+                whose metric has per-example values). The paper's rule is the default.
             max_size: stop once the soup has this many ingredients.
         """
         if noise_aware and not isinstance(evaluator, Evaluator):
@@ -277,12 +265,14 @@ class SoupBuilder:
         if self._scored_with != (evaluator, metric):
             self.score_ingredients(evaluator, metric=metric)
         self._record_best_individual()
-        rule = AcceptanceRule(maximize, strict, min_gain, noise_aware, significance, max_size)
+        rule = AcceptanceRule(
+            maximize, strict, min_gain, noise_aware, significance, max_size, metric
+        )
         result = greedy_pass(
             self.ingredients,
             self._individual,
             self._individual_results,
-            lambda model, name: _score(evaluator, model, name, metric),
+            as_scorer(evaluator, metric),
             load_model,
             rule,
         )

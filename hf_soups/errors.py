@@ -40,9 +40,25 @@ class MissingBaseError(HfSoupsError, ValueError):
     """A merge method needs a base (pre-trained) model and none was given."""
 
 
+class UnsupportedArchitectureError(HfSoupsError, ValueError):
+    """A checkpoint's architecture is neither an hf_soups nor a transformers model class."""
+
+
 class RecipeError(HfSoupsError, ValueError):
     """A recipe (YAML or ``soup.json``) is malformed: unknown keys, wrong types, bad values."""
 
 
 class CallbackConflictError(HfSoupsError, ValueError):
     """Two Trainer callbacks would undo each other (both load their weights at the end)."""
+
+
+class HubPushError(HfSoupsError):
+    """A push to the Hub failed (offline, refused, or the folder would leak the token)."""
+
+
+class ZeroShotTooWeakError(HfSoupsError):
+    """Pre-training left the zero-shot classifier too close to chance to fine-tune from."""
+
+
+class UnpairedResultsError(HfSoupsError, ValueError):
+    """Two results compared example by example were not computed on the same examples."""

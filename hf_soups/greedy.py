@@ -34,8 +34,9 @@ class AcceptanceRule:
         maximize: ``False`` for metrics to minimise (a loss).
         strict: accept only a strictly better score (the paper's ``>``); ``False`` accepts ties.
         min_gain: the gain must exceed it (negative: accept ingredients that cost at most that).
-        noise_aware: also require the gain to be distinguishable from noise on the held-out
-            examples (an exact McNemar test at level ``significance``).
+        noise_aware: also require the gain in ``metric`` to be distinguishable from noise on the
+            held-out examples at level ``significance`` (exact McNemar for 0/1 per-example
+            values, else a paired bootstrap: :func:`hf_soups.stats.gain_is_significant`).
         significance: the level of that test.
         max_size: stop adding once the soup has this many ingredients.
     """
@@ -46,6 +47,8 @@ class AcceptanceRule:
     noise_aware: bool = False
     significance: float = 0.05
     max_size: int | None = None
+    metric: str | None = None
+    """The metric the gains are measured in (default: the evaluator's primary metric)."""
 
     def gain(self, score: float, current: float) -> float:
         return (score - current) if self.maximize else (current - score)
@@ -103,8 +106,14 @@ def greedy_pass(
         accepted = rule.accepts(gain)
         reason = f"gain {gain:+.4g}"
         if accepted and rule.noise_aware:
-            accepted = gain_is_significant(result, best_result, "mcnemar", rule.significance)
-            reason += ", significant" if accepted else ", within noise (McNemar)"
+            accepted = gain_is_significant(
+                result,
+                best_result,
+                alpha=rule.significance,
+                metric=rule.metric or result.score_metric,
+                higher_is_better=rule.maximize,
+            )
+            reason += ", significant" if accepted else ", within noise"
         trace.append(GreedyStep(candidate.name, own, score, accepted, reason))
         logger.info(
             "greedy: + %s -> %.4g (%s)%s",

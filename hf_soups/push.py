@@ -26,7 +26,7 @@ from huggingface_hub.utils import (
 )
 
 from hf_soups.cards import CARD_FILE, write_card
-from hf_soups.errors import HfSoupsError
+from hf_soups.errors import HfSoupsError, HubPushError
 from hf_soups.merge import RECIPE_FILE
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ _REDACTED = "<token>"
 # Files are scanned for the token in blocks; the overlap catches a token across two blocks.
 _SCAN_BLOCK = 1 << 20
 _MAX_HEADER_BYTES = 100_000_000
-
-
-class HubPushError(HfSoupsError):
-    """A push to the Hub failed (offline, refused, or the folder would leak the token)."""
 
 
 def _redact(text: str, token: str | None) -> str:

@@ -9,20 +9,25 @@ be trusted:
 - `bootstrap_interval`: percentile bootstrap interval of a mean of per-example values, or of
   any metric recomputed on resampled (predictions, labels); seeded and reproducible.
 - `mcnemar_exact`: exact McNemar test on the examples two models disagree on.
+- `holm_adjust`: Holm–Bonferroni adjusted p-values for comparisons reported together.
 - `paired_comparison`: difference of two `EvalResult`s with a paired bootstrap interval, the
-  McNemar p-value and a verdict in words.
-- `gain_is_significant`: a noise-aware acceptance rule for greedy soups.
+  McNemar (or bootstrap) p-value and a verdict in words; `adjust_comparisons` judges several
+  by their Holm-adjusted p-values.
+- `gain_is_significant`: a noise-aware acceptance rule for greedy soups, on any metric.
+
+The exact binomial test and the Wilson interval are scipy's (`scipy.stats.binomtest`).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+from hf_soups.errors import UnpairedResultsError
 
 if TYPE_CHECKING:
     from hf_soups.evaluation import EvalResult
@@ -32,10 +37,9 @@ if TYPE_CHECKING:
 _CHUNK_ENTRIES = 4_000_000
 
 
-def _z(confidence: float) -> float:
+def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence}")
-    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -53,13 +57,11 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
         raise ValueError(f"wilson_interval needs n >= 1 examples, got n={n}")
     if not 0 <= successes <= n:
         raise ValueError(f"successes must lie in [0, n={n}], got {successes}")
-    z = _z(confidence)
-    p = successes / n
-    z2 = z * z
-    denominator = 1.0 + z2 / n
-    center = (p + z2 / (2.0 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    _check_confidence(confidence)
+    from scipy.stats import binomtest  # imported on use: scipy.stats takes a second to import
+
+    interval = binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def _resample_indices(rng: np.random.Generator, n: int, n_resamples: int) -> Iterator[np.ndarray]:
@@ -98,7 +100,7 @@ def bootstrap_interval(
     Returns:
         `(low, high)`.
     """
-    _z(confidence)
+    _check_confidence(confidence)
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
     rng = np.random.default_rng(seed)
@@ -124,9 +126,13 @@ def bootstrap_interval(
                 f"bootstrap_interval expects a non-empty 1-D array of per-example values, "
                 f"got shape {values.shape}"
             )
-        chunks = _resample_indices(rng, values.size, n_resamples)
-        estimates = np.concatenate([values[chunk].mean(axis=1) for chunk in chunks])
+        estimates = _resampled_means(values, rng, n_resamples)
     return _percentile_interval(estimates, confidence)
+
+
+def _resampled_means(values: np.ndarray, rng: np.random.Generator, n_resamples: int) -> np.ndarray:
+    chunks = _resample_indices(rng, values.size, n_resamples)
+    return np.concatenate([values[chunk].mean(axis=1) for chunk in chunks])
 
 
 def _is_binary(values: np.ndarray) -> bool:
@@ -161,30 +167,47 @@ def mcnemar_exact(b: int, c: int) -> float:
     """
     if b < 0 or c < 0 or int(b) != b or int(c) != c:
         raise ValueError(f"discordant counts must be non-negative integers, got b={b}, c={c}")
-    n, k = int(b) + int(c), int(min(b, c))
-    if n == 0 or 2 * k >= n:
+    if b + c == 0:
         return 1.0
-    # log P(X = j) for j = 0..k by the recurrence P(j+1) = P(j) (n - j) / (j + 1), in logs so
-    # that thousands of discordant examples do not underflow.
-    j = np.arange(k, dtype=np.float64)
-    log_pmf = -n * math.log(2.0) + np.concatenate(([0.0], np.cumsum(np.log(n - j) - np.log1p(j))))
-    top = log_pmf.max()
-    log_tail = top + math.log(float(np.exp(log_pmf - top).sum()))
-    return min(1.0, 2.0 * math.exp(log_tail))
+    from scipy.stats import binomtest
+
+    # For p = 1/2 the binomial is symmetric, so scipy's two-sided p-value (the probability of
+    # outcomes no likelier than b) is twice the smaller tail, capped at 1.
+    return float(binomtest(int(b), int(b) + int(c), 0.5).pvalue)
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the order given.
+
+    With the m p-values sorted ascending, the i-th smallest (i from 0) is multiplied by
+    m - i, each is raised to the largest adjusted value before it (so the adjusted values keep
+    the order of the raw ones) and capped at 1. Rejecting every hypothesis whose adjusted p is
+    below a level controls the family-wise error rate at that level (Holm, 1979).
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"holm_adjust expects a 1-D sequence of p-values, got shape {p.shape}")
+    if p.size and not ((p >= 0.0) & (p <= 1.0)).all():
+        raise ValueError(f"p-values must lie in [0, 1], got {p_values}")
+    order = np.argsort(p, kind="stable")
+    scaled = (p.size - np.arange(p.size)) * p[order]
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return adjusted.tolist()
 
 
 def _paired_values(
     result_a: EvalResult, result_b: EvalResult, metric: str
 ) -> tuple[np.ndarray, np.ndarray]:
     if len(result_a.labels) != len(result_b.labels):
-        raise ValueError(
+        raise UnpairedResultsError(
             f"cannot compare {result_a.name!r} ({len(result_a.labels)} examples) with "
             f"{result_b.name!r} ({len(result_b.labels)} examples): they were evaluated on "
             "different examples"
         )
     mismatched = np.flatnonzero(np.asarray(result_a.labels) != np.asarray(result_b.labels))
     if mismatched.size:
-        raise ValueError(
+        raise UnpairedResultsError(
             f"cannot compare {result_a.name!r} with {result_b.name!r}: their labels differ at "
             f"{mismatched.size} positions (first at index {mismatched[0]}), so they were not "
             "evaluated on the same examples in the same order"
@@ -195,13 +218,32 @@ def _paired_values(
     )
 
 
+def _paired_bootstrap(
+    differences: np.ndarray, n_resamples: int, confidence: float, seed: int
+) -> tuple[tuple[float, float], float]:
+    """Percentile interval of the mean difference and its two-sided bootstrap p-value.
+
+    The p-value is twice the smaller share of resampled means on either side of zero, so it
+    falls below 1 - confidence about when the interval excludes zero.
+    """
+    _check_confidence(confidence)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    means = _resampled_means(differences, np.random.default_rng(seed), n_resamples)
+    tail = min(np.mean(means <= 0.0), np.mean(means >= 0.0))
+    return _percentile_interval(means, confidence), float(min(1.0, 2.0 * tail))
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """Result of `paired_comparison`: is `name_a` better than `name_b` on the same examples?
 
     `difference` and `interval` are mean(a) - mean(b) as fractions (0.008 is 0.8 points).
-    `mcnemar_p` is `None` when per-example values are not 0/1; then `significant` means the
-    interval excludes zero.
+    `mcnemar_p` is the exact McNemar p-value for 0/1 per-example values and `None` otherwise;
+    `p_value` is that p-value, or the paired bootstrap's for other values. `adjusted_p` is
+    set when this comparison is reported among several (`adjust_comparisons`, Holm); then
+    `significant` means `adjusted_p < alpha`. Alone, `significant` means `mcnemar_p < alpha`
+    for 0/1 values, and the interval excluding zero otherwise.
     """
 
     name_a: str
@@ -215,25 +257,45 @@ class PairedComparison:
     significant: bool
     confidence: float
     verdict: str
+    p_value: float = 1.0
+    adjusted_p: float | None = None
+    alpha: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dictionary of every field."""
-        return {
-            "name_a": self.name_a,
-            "name_b": self.name_b,
-            "metric": self.metric,
-            "n": self.n,
-            "difference": self.difference,
-            "interval": list(self.interval),
-            "mcnemar_p": self.mcnemar_p,
-            "n_discordant": self.n_discordant,
-            "significant": self.significant,
-            "confidence": self.confidence,
-            "verdict": self.verdict,
-        }
+        return {**dataclasses.asdict(self), "interval": list(self.interval)}
+
+    def with_adjusted_p(self, adjusted_p: float) -> PairedComparison:
+        """This comparison judged by an adjusted p-value (significance and verdict redone)."""
+        significant = adjusted_p < self.alpha
+        return dataclasses.replace(
+            self,
+            adjusted_p=adjusted_p,
+            significant=significant,
+            verdict=_verdict(self, significant, adjusted_p),
+        )
 
     def __str__(self) -> str:
         return self.verdict
+
+
+def _verdict(c: PairedComparison, significant: bool, adjusted_p: float | None) -> str:
+    binary = c.mcnemar_p is not None
+    scale, unit, digits = (100.0, " points", 1) if binary else (1.0, "", 4)
+    test = f", McNemar p={c.mcnemar_p:.2g}" if binary else ""
+    if adjusted_p is not None:
+        test += "" if binary else f", bootstrap p={c.p_value:.2g}"
+        test += f", Holm-adjusted p={adjusted_p:.2g}"
+    if not significant:
+        conclusion = "within noise"
+    else:
+        conclusion = f"{c.name_a if c.difference > 0 else c.name_b} is better"
+    low, high = c.interval
+    return (
+        f"{c.name_a} vs {c.name_b}: {c.difference * scale:+.{digits}f}{unit} "
+        f"({c.confidence:.0%} CI {low * scale:+.{digits}f} to {high * scale:+.{digits}f})"
+        f"{test}: {conclusion}"
+    )
 
 
 def paired_comparison(
@@ -255,82 +317,90 @@ def paired_comparison(
         seed: Bootstrap seed.
         metric: Per-example metric to compare (see `EvalResult.values`).
         confidence: Coverage of the difference's interval.
-        alpha: Significance level of the McNemar test.
+        alpha: Significance level of the test.
+
+    When several comparisons are reported together, judge them with `adjust_comparisons`.
 
     Raises:
-        ValueError: If the results were not computed on the same examples in the same order.
+        UnpairedResultsError: If the results were not computed on the same examples in the
+            same order (a `ValueError`).
     """
     a, b = _paired_values(result_a, result_b, metric)
-    difference = float(a.mean() - b.mean())
-    interval = bootstrap_interval(a - b, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    binary = _is_binary(a) and _is_binary(b)
+    interval, bootstrap_p = _paired_bootstrap(a - b, n_resamples, confidence, seed)
     n_discordant = int(np.count_nonzero(a != b))
-    if binary:
+    mcnemar_p = None
+    if _is_binary(a) and _is_binary(b):
         only_a = int(np.count_nonzero((a == 1) & (b == 0)))
-        p_value: float | None = mcnemar_exact(only_a, n_discordant - only_a)
-        significant = p_value < alpha
-        test = f", McNemar p={p_value:.2g}"
-        scale, unit = 100.0, " points"
+        mcnemar_p = mcnemar_exact(only_a, n_discordant - only_a)
+        significant = mcnemar_p < alpha
     else:
-        p_value = None
         significant = not interval[0] <= 0.0 <= interval[1]
-        test = ""
-        scale, unit = 1.0, ""
-    if not significant:
-        conclusion = "within noise"
-    else:
-        conclusion = f"{result_a.name if difference > 0 else result_b.name} is better"
-    verdict = (
-        f"{result_a.name} vs {result_b.name}: {difference * scale:+.{1 if binary else 4}f}{unit} "
-        f"({confidence:.0%} CI {interval[0] * scale:+.{1 if binary else 4}f} to "
-        f"{interval[1] * scale:+.{1 if binary else 4}f}){test}: {conclusion}"
-    )
-    return PairedComparison(
+    comparison = PairedComparison(
         name_a=result_a.name,
         name_b=result_b.name,
         metric=metric,
         n=int(a.size),
-        difference=difference,
+        difference=float(a.mean() - b.mean()),
         interval=interval,
-        mcnemar_p=p_value,
+        mcnemar_p=mcnemar_p,
         n_discordant=n_discordant,
         significant=significant,
         confidence=confidence,
-        verdict=verdict,
+        verdict="",
+        p_value=bootstrap_p if mcnemar_p is None else mcnemar_p,
+        alpha=alpha,
     )
+    return dataclasses.replace(comparison, verdict=_verdict(comparison, significant, None))
+
+
+def adjust_comparisons(comparisons: Sequence[PairedComparison]) -> list[PairedComparison]:
+    """Comparisons reported together, each judged by its Holm-adjusted p-value."""
+    adjusted = holm_adjust([c.p_value for c in comparisons])
+    return [c.with_adjusted_p(p) for c, p in zip(comparisons, adjusted, strict=True)]
 
 
 def gain_is_significant(
     candidate: EvalResult,
     current: EvalResult,
-    rule: Literal["mcnemar", "margin"] = "mcnemar",
+    rule: Literal["paired", "mcnemar", "margin"] = "paired",
     alpha: float = 0.05,
     *,
     margin: float = 0.0,
     metric: str = "accuracy",
+    higher_is_better: bool = True,
+    n_resamples: int = 1000,
+    seed: int = 0,
 ) -> bool:
-    """Noise-aware acceptance rule for greedy soups: is `candidate` really better?
+    """Noise-aware acceptance rule for greedy soups: is `candidate` really better on `metric`?
 
     Rules:
-        - ``"mcnemar"``: the candidate gets more of the discordant examples right and the exact
-          McNemar test rejects equal accuracy at level `alpha`. Successive greedy soups differ
-          on few examples, so a test on the discordant ones is the fitting one.
-        - ``"margin"``: the candidate's mean per-example value exceeds the current one's by
-          more than `margin` (a fraction: 0.005 is half a point). `margin=0` is the paper's
-          plain "improves" rule with strict inequality.
+        - ``"paired"``: a paired test at level `alpha` finds `candidate` better: the exact
+          McNemar test when the per-example values of `metric` are 0/1 (successive greedy
+          soups differ on few examples, so a test on the discordant ones is the fitting one),
+          else the paired bootstrap: the `1 - alpha` interval of the mean per-example gain
+          lies above zero.
+        - ``"mcnemar"``: the exact McNemar test only (0/1 values).
+        - ``"margin"``: the mean per-example gain exceeds `margin` (a fraction: 0.005 is half a
+          point). `margin=0` is the paper's plain "improves" rule with strict inequality.
+
+    `higher_is_better=False` is for metrics to minimise (a per-example loss).
 
     Raises:
-        ValueError: If the results are on different examples, or `rule` is unknown.
+        UnpairedResultsError: If the results are on different examples.
+        ValueError: If `rule` is unknown, or "mcnemar" meets values other than 0/1.
     """
     a, b = _paired_values(candidate, current, metric)
+    gains = (a - b) if higher_is_better else (b - a)
     if rule == "margin":
-        return bool(a.mean() - b.mean() > margin)
-    if rule == "mcnemar":
-        if not (_is_binary(a) and _is_binary(b)):
-            raise ValueError(
-                f"rule='mcnemar' needs 0/1 per-example values; metric {metric!r} has others"
-            )
-        wins = int(np.count_nonzero((a == 1) & (b == 0)))
-        losses = int(np.count_nonzero((a == 0) & (b == 1)))
+        return bool(gains.mean() > margin)
+    if rule not in ("paired", "mcnemar"):
+        raise ValueError(f"unknown rule {rule!r}; expected 'paired', 'mcnemar' or 'margin'")
+    if _is_binary(a) and _is_binary(b):
+        wins, losses = int(np.count_nonzero(gains > 0)), int(np.count_nonzero(gains < 0))
         return wins > losses and mcnemar_exact(wins, losses) < alpha
-    raise ValueError(f"unknown rule {rule!r}; expected 'mcnemar' or 'margin'")
+    if rule == "mcnemar":
+        raise ValueError(
+            f"rule='mcnemar' needs 0/1 per-example values; metric {metric!r} has others"
+        )
+    (low, _), _ = _paired_bootstrap(gains, n_resamples, 1.0 - alpha, seed)
+    return low > 0.0

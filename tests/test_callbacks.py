@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from launch import ACCELERATE_LAUNCH
 from safetensors.torch import load_file
 from tiny_training import TinyNet, Vectors, make_args, max_difference
 from torch import nn
@@ -347,9 +347,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None, reason="the accelerate CLI is not installed"
-)
 def test_two_processes_average_like_one_process_with_the_same_global_batch(tmp_path):
     script = Path(__file__).with_name("distributed_train.py")
     env = {
@@ -360,8 +357,7 @@ def test_two_processes_average_like_one_process_with_the_same_global_batch(tmp_p
     }
     env.pop("ACCELERATE_USE_CPU", None)
     command = [
-        shutil.which("accelerate"),
-        "launch",
+        *ACCELERATE_LAUNCH,
         "--multi_gpu",
         "--num_processes",
         "2",

@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from launch import ACCELERATE_LAUNCH
+from references import wilson_closed_form
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_soups.evaluation import EvalResult, Evaluator, load_metric, score_fn
+from hf_soups.evaluation import EvalResult, Evaluator, Scored, as_scorer, load_metric, score_fn
 from hf_soups.stats import wilson_interval
 
 HERE = Path(__file__).resolve().parent
@@ -272,7 +274,7 @@ def test_save_and_load_keep_per_example_outcomes(dataset, accelerator, tmp_path)
     assert loaded.interval("accuracy") == pytest.approx(wilson_interval(correct, N))
 
 
-def test_score_fn_accepts_evaluator_or_callable(dataset, accelerator):
+def test_score_fn_and_as_scorer_accept_evaluator_or_callable(dataset, accelerator):
     (model,) = make_models(1, seed=8)
     evaluator = Evaluator(
         dataset,
@@ -286,6 +288,102 @@ def test_score_fn_accepts_evaluator_or_callable(dataset, accelerator):
     assert score_fn(lambda m: 0.25)(model) == 0.25
     with pytest.raises(TypeError, match="Evaluator or a callable"):
         score_fn(3)
+    # as_scorer, which score_fn wraps, also hands back the EvalResult.
+    logits, labels = plain_logits(model, dataset), labels_of(dataset)
+    accuracy = (logits.argmax(1) == labels).double().mean().item()
+    top2 = (logits.topk(2, dim=1).indices == labels[:, None]).any(dim=1).double().mean().item()
+    value, result = as_scorer(evaluator)(model, "named")
+    assert value == pytest.approx(top2) and result.name == "named"
+    assert as_scorer(evaluator, "accuracy")(model).value == pytest.approx(accuracy)
+    assert as_scorer(lambda m: torch.tensor(0.25))(model) == Scored(0.25, None)
+    # A callable may return an EvalResult (as sweep eval sets do): its metric is reported.
+    scored = as_scorer(lambda m: result, "accuracy")(model)
+    assert scored.value == pytest.approx(accuracy) and scored.result is result
+    with pytest.raises(KeyError, match="'f1'"):
+        as_scorer(evaluator, "f1")(model)
+    with pytest.raises(TypeError, match="score function"):
+        as_scorer(lambda m: "high")(model)
+
+
+def test_intervals_have_the_evaluators_confidence(accelerator):
+    # 400 examples: Wilson intervals at 80% against the closed form, and the bootstrap interval
+    # of a callable's mean against normal theory at 80% (an interval at 95% is half as wide
+    # again, well outside the tolerance).
+    data = make_dataset(400, seed=3)
+    (model,) = make_models(1, seed=3)
+
+    def true_class_logit(logits, labels):
+        return float(np.mean(logits[np.arange(len(labels)), labels]))
+
+    evaluator = Evaluator(
+        data,
+        {"accuracy": "accuracy", "top3": "top_3_accuracy", "logit": true_class_logit},
+        batch_size=64,
+        accelerator=accelerator,
+        progress=False,
+        confidence=0.8,
+        n_resamples=4000,
+    )
+    result = evaluator(model)
+    logits, labels = plain_logits(model, data), labels_of(data)
+    hits = {
+        "accuracy": int((logits.argmax(1) == labels).sum()),
+        "top3": int((logits.topk(3, dim=1).indices == labels[:, None]).any(dim=1).sum()),
+    }
+    for key, k in hits.items():
+        assert result.intervals[key] == pytest.approx(wilson_closed_form(k, 400, 0.8), abs=1e-12)
+    values = logits[torch.arange(400), labels].numpy()
+    z80 = 1.2815516
+    half = z80 * values.std(ddof=1) / np.sqrt(values.size)
+    low, high = result.intervals["logit"]
+    assert low == pytest.approx(values.mean() - half, abs=0.12 * half)
+    assert high == pytest.approx(values.mean() + half, abs=0.12 * half)
+    assert result.confidence == 0.8
+
+
+def test_with_metrics_adds_metrics_to_a_copy(dataset, accelerator):
+    (model,) = make_models(1, seed=10)
+
+    def nll(logits, labels):
+        return F.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels)).item()
+
+    evaluator = Evaluator(dataset, batch_size=8, accelerator=accelerator, progress=False)
+    extended = evaluator.with_metrics({"nll": nll, "top2": "top_2_accuracy"})
+    quiet = evaluator.with_metrics({"nll": nll}, bootstrap=False)
+    logits, labels = plain_logits(model, dataset), labels_of(dataset)
+    result = extended(model)
+    assert set(result.metrics) == {"accuracy", "nll", "top2"}
+    assert result.metrics["nll"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    top2 = (logits.topk(2, dim=1).indices == labels[:, None]).any(dim=1)
+    np.testing.assert_array_equal(result.per_example["top2"], top2.numpy())
+    assert "nll" in result.intervals
+    quiet_result = quiet(model)
+    assert quiet_result.metrics["nll"] == result.metrics["nll"]
+    assert set(quiet_result.intervals) == {"accuracy"}  # no bootstrap for the added loss
+    assert set(evaluator(model).metrics) == {"accuracy"}  # the original is left as it was
+    with pytest.raises(ValueError, match="already gave"):
+        evaluator.with_metrics("accuracy")(model)
+
+
+def test_shipped_metrics_need_no_evaluate_module():
+    # Accuracy and top-k are computed directly; `evaluate` (and its private API) is not touched.
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from datasets import Dataset\n"
+        "from hf_soups.evaluation import Evaluator\n"
+        "data = Dataset.from_dict({'pixel_values': np.eye(3, dtype=np.float32), 'labels': [0, 1, 1]})\n"
+        "model = torch.nn.Linear(3, 3)\n"
+        "model.weight.data = torch.eye(3); model.bias.data.zero_()\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self): super().__init__(); self.inner = model\n"
+        "    def forward(self, pixel_values): return self.inner(pixel_values)\n"
+        "r = Evaluator(data, ['accuracy', 'top_2_accuracy'], progress=False)(M())\n"
+        "assert r.metrics == {'accuracy': 2 / 3, 'top_2_accuracy': 1.0}, r.metrics\n"
+        "assert 'evaluate' not in sys.modules\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_clear_errors(dataset, accelerator):
@@ -311,7 +409,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-ACCELERATE = Path(sys.executable).parent / "accelerate"
 ACCELERATE_CONFIG = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: MULTI_GPU
@@ -325,7 +422,6 @@ same_network: true
 """
 
 
-@pytest.mark.skipif(not ACCELERATE.exists(), reason=f"accelerate CLI not found at {ACCELERATE}")
 @pytest.mark.timeout(120)
 def test_two_processes_give_single_process_results(tmp_path, accelerator):
     n, batch_size = 101, 8
@@ -334,7 +430,7 @@ def test_two_processes_give_single_process_results(tmp_path, accelerator):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     command = [
-        str(ACCELERATE), "launch", "--config_file", str(config), "--multi_gpu",
+        *ACCELERATE_LAUNCH, "--config_file", str(config), "--multi_gpu",
         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(HERE / "distributed_eval.py"), "--out", str(out), "--n", str(n),

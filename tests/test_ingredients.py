@@ -11,6 +11,7 @@ from tiny_open_clip import make_tiny_open_clip_folder
 
 from hf_soups.errors import CorruptedCheckpointError, IncompatibleIngredientsError
 from hf_soups.ingredients import Ingredient, check_compatible
+from hf_soups.recipe import Source
 
 
 def test_sharded_folder_index_follows_the_shard_index(tmp_path):
@@ -80,7 +81,7 @@ def test_metadata_and_name(tmp_path):
     ingredient = Ingredient.from_source(str(folder))
     assert ingredient.metadata == {"learning_rate": 3e-5, "step": 100}
     assert ingredient.name == str(folder)
-    assert ingredient.record() == {"source": str(folder), "revision": None}
+    assert ingredient.record() == Source(source=str(folder), revision=None)
 
 
 def test_index_listing_a_tensor_its_shard_lacks_is_corrupted(tmp_path):

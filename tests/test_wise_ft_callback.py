@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from launch import ACCELERATE_LAUNCH
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
@@ -392,16 +393,13 @@ def train_on_this_rank(out: Path, start: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(info))
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None, reason="the accelerate CLI is not installed"
-)
 def test_two_processes_end_with_the_main_process_choice(tmp_path, accelerator):
     start = tmp_path / "start"
     pretrained_vit().save_pretrained(start)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [
-        shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        *ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
         __file__, str(tmp_path), str(start),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from hf_soups.demo.data import PRETRAIN_AUGMENTATION, Augmentation, DemoData
-from hf_soups.errors import HfSoupsError
+from hf_soups.errors import HfSoupsError, ZeroShotTooWeakError
 from hf_soups.models.clip import CLIPZeroShotClassifier, make_word_tokenizer
 from hf_soups.output import atomic_output_dir, check_output_dir
 
@@ -33,10 +33,6 @@ logger = logging.getLogger(__name__)
 
 
 PRETRAINING_RECORD = "pretraining.json"
-
-
-class ZeroShotTooWeakError(HfSoupsError):
-    """Pre-training left the zero-shot classifier too close to chance to fine-tune from."""
 
 
 @dataclass(frozen=True)

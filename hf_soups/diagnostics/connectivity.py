@@ -15,8 +15,6 @@ built by :func:`hf_soups.merge.weighted_state_dict` (memory flat in N), loaded w
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -216,16 +214,12 @@ def path_points(points: int) -> list[float]:
 
 
 def _with_loss(evaluator: Evaluator) -> Evaluator:
-    """A shallow copy of ``evaluator`` that also computes :func:`cross_entropy` from the logits.
+    """A copy of ``evaluator`` that also computes :func:`cross_entropy` from the logits.
 
-    The copy shares the dataset and prepared DataLoader. The loss gets no bootstrap interval:
-    barriers compare point values, and resampling the logits at every path point would cost a
-    thousand loss computations each.
+    The loss gets no bootstrap interval: barriers compare point values, and resampling the
+    logits at every path point would cost a thousand loss computations each.
     """
-    (loss,) = Evaluator(evaluator.dataset, {CROSS_ENTROPY: cross_entropy}).metrics
-    scoring = copy.copy(evaluator)
-    scoring.metrics = [*evaluator.metrics, dataclasses.replace(loss, bootstrap_fn=None)]
-    return scoring
+    return evaluator.with_metrics({CROSS_ENTROPY: cross_entropy}, bootstrap=False)
 
 
 def _endpoint(index: int, n: int) -> np.ndarray:
@@ -317,7 +311,7 @@ def linear_mode_connectivity(
 
 def _path(start, end, indices, ts, results, loss_metric, higher_is_better) -> InterpolationPath:
     first = results[0]
-    metric = first.primary_metric or next(iter(first.metrics))
+    metric = first.score_metric
     losses = None
     if loss_metric is not None:
         missing = [r.name for r in results if loss_metric not in r.metrics]

@@ -18,7 +18,11 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
-from hf_soups.errors import CorruptedCheckpointError, HfSoupsError, UnsafeCheckpointError
+from hf_soups.errors import (
+    CorruptedCheckpointError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+)
 from hf_soups.models.clip import CLIPZeroShotClassifier
 
 logger = logging.getLogger(__name__)
@@ -36,10 +40,6 @@ CONFIG_FILE = "config.json"
 _OWN_CLASSES: dict[str, type[PreTrainedModel]] = {
     CLIPZeroShotClassifier.__name__: CLIPZeroShotClassifier,
 }
-
-
-class UnsupportedArchitectureError(HfSoupsError, ValueError):
-    """A checkpoint's architecture is neither an hf_soups nor a transformers model class."""
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from hf_soups.errors import HfSoupsError
+from hf_soups.errors import RecipeError
 from hf_soups.patching.sweep import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,6 @@ _EVAL_SET_KEYS = {
     "tokenizer",
 }
 _TOP_KEYS = {"eval_sets", "select", "alphas", "zero_shot", "fine_tuned", "out"}
-
-
-class RecipeError(HfSoupsError, ValueError):
-    """A recipe file is malformed; the message names the file and the key."""
 
 
 def read_recipe_file(file: Path, known_keys: set[str]) -> dict[str, Any]:

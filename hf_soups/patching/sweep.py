@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_soups.evaluation import EvalResult, Evaluator
+from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
 from hf_soups.merge import IngredientLike
 from hf_soups.models import UnsupportedArchitectureError, load_model
 from hf_soups.models.zero_shot import Template
@@ -195,13 +195,6 @@ class _Heads:
         model.set_head(head, task.classnames)
 
 
-def _evaluate(task: TaskSpec, model: nn.Module, label: str) -> EvalResult | float:
-    if isinstance(task.evaluator, Evaluator):
-        return task.evaluator.evaluate(model, name=label)
-    result = task.evaluator(model)
-    return result if isinstance(result, EvalResult) else result_score(result)
-
-
 def sweep(
     zero_shot: IngredientLike | Endpoints,
     fine_tuned: IngredientLike | None,
@@ -248,7 +241,8 @@ def sweep(
             task = tasks[name]
             if task.swaps_head:
                 heads.swap_in(name, task, model)
-            results[name].append(_evaluate(task, model, f"{name} (alpha={alpha:g})"))
+            value, result = as_scorer(task.evaluator)(model, f"{name} (alpha={alpha:g})")
+            results[name].append(value if result is None else result)
         logger.info(
             "alpha=%g: %s",
             alpha,
