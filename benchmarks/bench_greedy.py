@@ -15,7 +15,7 @@ own reads) and the ``safe_open`` that ``transformers.modeling_utils`` uses (the 
 tensor transformers takes from a file), and shown as multiples of the ingredient's size (the
 sum of its tensors' bytes). Time is split by wrapping ``read_tensor`` (reading),
 ``hf_soups.soup.load_model`` (model building, which in the scoring pass includes transformers
-reading the file) and ``hf_soups.soup._score`` (evaluation); the rest of a pass is merge
+reading the file) and ``hf_soups.builder.as_scorer`` (evaluation); the rest of a pass is merge
 arithmetic (float32 casts, the running sum, the candidate average) and bookkeeping.
 
     python benchmarks/bench_greedy.py                    # small ViT (~19 MB), N = 4 8
@@ -129,11 +129,11 @@ def instrumented(meter: Meter):
     import transformers.modeling_utils as modeling_utils
 
     import hf_soups.ingredients as ingredients
-    import hf_soups.soup as soup
+    import hf_soups.builder as soup
     from hf_soups.ingredients import SAFETENSORS_DTYPES
 
     itemsizes = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
-    originals = (ingredients.read_tensor, soup.load_model, soup._score, modeling_utils.safe_open)
+    originals = (ingredients.read_tensor, soup.load_model, soup.as_scorer, modeling_utils.safe_open)
 
     def read_tensor(info, name):
         meter.bytes[str(info.file)] += info.nbytes
@@ -144,7 +144,7 @@ def instrumented(meter: Meter):
 
     ingredients.read_tensor = meter.timed("read", read_tensor)
     soup.load_model = meter.timed("load_model", originals[1])
-    soup._score = meter.timed("evaluate", originals[2])
+    soup.as_scorer = lambda *args, **kwargs: meter.timed("evaluate", originals[2](*args, **kwargs))
     modeling_utils.safe_open = safe_open
     try:
         yield
@@ -152,7 +152,7 @@ def instrumented(meter: Meter):
         (
             ingredients.read_tensor,
             soup.load_model,
-            soup._score,
+            soup.as_scorer,
             modeling_utils.safe_open,
         ) = originals
 
@@ -172,7 +172,7 @@ def run_one(folders: list[Path], held_out: Path, out: Path, batch_size: int) -> 
     from accelerate import Accelerator
 
     from hf_soups.evaluation import Evaluator
-    from hf_soups.soup import SoupBuilder
+    from hf_soups.builder import SoupBuilder
 
     evaluator = Evaluator(
         datasets.load_from_disk(str(held_out)),

@@ -107,7 +107,7 @@ def test_noise_aware_greedy_tests_the_optimised_metric(pool):
     # test on accuracy (tied everywhere) or with the arguments swapped would accept none.
     soup = builder.greedy(evaluator, metric="closeness", noise_aware=True)
     assert kept_sources(soup) == expected
-    kept_reasons = [t["reason"] for t in soup.details["greedy_trace"][1:] if t["kept"]]
+    kept_reasons = [t.reason for t in soup.record.greedy_trace[1:] if t.kept]
     assert kept_reasons and all(reason.endswith("significant") for reason in kept_reasons)
     # The same search on the loss form of the metric, minimised, keeps the same ingredients.
     minimised = builder.greedy(evaluator, metric="distance", maximize=False, noise_aware=True)
@@ -122,7 +122,7 @@ def test_noise_aware_greedy_rejects_gains_within_noise(pool):
     soup = builder.greedy(
         ScriptedEvaluator(target, noise=50.0), metric="closeness", noise_aware=True
     )
-    trace = soup.details["greedy_trace"]
+    trace = soup.record.greedy_trace
     assert len(soup.ingredients) == 1
     assert soup.ingredients[0].source == folders[paper_greedy(states, target)[0]]
-    assert any(t["reason"].endswith("within noise") for t in trace[1:])
+    assert any(t.reason.endswith("within noise") for t in trace[1:])
