@@ -38,3 +38,7 @@ class OutputExistsError(HfSoupsError, FileExistsError):
 
 class MissingBaseError(HfSoupsError, ValueError):
     """A merge method needs a base (pre-trained) model and none was given."""
+
+
+class OutputOverlapsInputError(HfSoupsError, ValueError):
+    """The output folder is, contains or lies inside an input (or the Hub cache): refused."""

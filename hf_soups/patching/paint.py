@@ -140,7 +140,9 @@ class PatchResult:
         citations = {"paint": PAINT_CITATION}
         if self.kind in citations:
             recipe["patching_citation"] = citations[self.kind]
-        with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
+        with atomic_output_dir(
+            out_dir, overwrite=overwrite, inputs=[self.zero_shot.path, self.fine_tuned.path]
+        ) as work_dir:
             wise_ft(
                 self.zero_shot,
                 self.fine_tuned,
