@@ -35,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# "-0.5,1.5": argparse takes a value starting with "-" for an option unless it is a single number.
-_NEGATIVE_NUMBERS = re.compile(r"-\.?\d[\d.eE+-]*(,[-+]?[\d.eE+-]*)*")
+# "-0.5,1.5" or "-1:1:0.5": argparse takes a value starting with "-" for an option unless it is
+# a single number.
+_NEGATIVE_NUMBERS = re.compile(r"-\.?\d[\d.eE+-]*([,:][-+]?[\d.eE+-]*)*")
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:
-    """Write ``--weights -0.5,1.5`` as ``--weights=-0.5,1.5``, which argparse reads as meant."""
+    """Write ``--weights -0.5,1.5`` as ``--weights=-0.5,1.5``, which argparse reads as meant
+    (it would take ``-0.5,1.5`` for an unknown option)."""
     joined: list[str] = []
     for arg in argv:
         previous = joined[-1] if joined else ""
