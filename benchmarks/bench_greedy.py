@@ -128,8 +128,8 @@ def instrumented(meter: Meter):
     """Wrap the reading, model-building and scoring functions the soup builder calls."""
     import transformers.modeling_utils as modeling_utils
 
-    import hf_soups.ingredients as ingredients
     import hf_soups.builder as soup
+    import hf_soups.ingredients as ingredients
     from hf_soups.ingredients import SAFETENSORS_DTYPES
 
     itemsizes = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -171,8 +171,8 @@ def run_one(folders: list[Path], held_out: Path, out: Path, batch_size: int) -> 
     import datasets
     from accelerate import Accelerator
 
-    from hf_soups.evaluation import Evaluator
     from hf_soups.builder import SoupBuilder
+    from hf_soups.evaluation import Evaluator
 
     evaluator = Evaluator(
         datasets.load_from_disk(str(held_out)),

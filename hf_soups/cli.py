@@ -2,6 +2,12 @@
 
 Each subcommand lives in its own module under :mod:`hf_soups.commands` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to the function that runs it.
+Command modules import only the standard library at their top; what a command needs (torch,
+transformers, ...) is imported inside its ``run``, so ``--help`` and argument errors are
+immediate.
+
+Every failure a user can cause ends in one line on stderr and exit code 2; Ctrl-C in one line
+and exit code 130, after the half-written output is removed.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from hf_soups.errors import HfSoupsError
@@ -28,19 +35,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# "-0.5,1.5" or "-1:1:0.5": argparse takes a value starting with "-" for an option unless it is
+# a single number.
+_NEGATIVE_NUMBERS = re.compile(r"-\.?\d[\d.eE+-]*([,:][-+]?[\d.eE+-]*)*")
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """Write ``--weights -0.5,1.5`` as ``--weights=-0.5,1.5``, which argparse reads as meant
+    (it would take ``-0.5,1.5`` for an unknown option)."""
+    joined: list[str] = []
+    for arg in argv:
+        previous = joined[-1] if joined else ""
+        if (
+            _NEGATIVE_NUMBERS.fullmatch(arg)
+            and previous.startswith("--")
+            and "=" not in previous
+            and previous != "--"
+        ):
+            joined[-1] = f"{previous}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input, disk or network can cause (not bugs): shown as one line."""
+    from safetensors import SafetensorError  # a full disk while writing weights
+
+    return (HfSoupsError, OSError, ValueError, SafetensorError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         args.func(args)
-    except (HfSoupsError, OSError, ValueError) as error:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"hf-soups {args.command}: error: {error}", file=sys.stderr)
+        print(
+            f"hf-soups {args.command}: interrupted; nothing half-written is left", file=sys.stderr
+        )
+        return 130
+    except _user_errors() as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"hf-soups {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -62,3 +62,7 @@ class ZeroShotTooWeakError(HfSoupsError):
 
 class UnpairedResultsError(HfSoupsError, ValueError):
     """Two results compared example by example were not computed on the same examples."""
+
+
+class OutputOverlapsInputError(HfSoupsError, ValueError):
+    """The output folder is, contains or lies inside an input (or the Hub cache): refused."""

@@ -359,7 +359,11 @@ def merge(
     template = ingredients[0]
     shards, indexes = plan_shards(template, dtype, max_shard_size)
     with (
-        atomic_output_dir(out_dir, overwrite=overwrite) as work_dir,
+        atomic_output_dir(
+            out_dir,
+            overwrite=overwrite,
+            inputs=[i.path for i in [*ingredients, *([base] if base else [])]],
+        ) as work_dir,
         tqdm(
             total=len(template.tensors), desc="Merging", unit="tensor", disable=not progress
         ) as bar,

@@ -1,4 +1,10 @@
-"""Writing model folders safely: build in a temporary folder, rename into place when complete."""
+"""Writing model folders safely: build in a temporary folder, rename into place when complete.
+
+Inputs are read-only: an output that is, contains or lies inside an input folder, the Hub cache
+or the current folder is refused before any work, whatever ``overwrite`` says. What a killed run
+leaves beside an output (its temporary folder, or the previous output it was replacing) is named
+after the run's process id and removed by the next run writing there.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,16 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hf_soups.errors import OutputExistsError
+from hf_soups.errors import OutputExistsError, OutputOverlapsInputError
 
 logger = logging.getLogger(__name__)
 
 _TEMPORARY_MARK = ".tmp-"
+_REPLACED_MARK = ".old-"
 
 
 def _is_nonempty(path: Path) -> bool:
@@ -31,18 +38,74 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temporaries(target: Path) -> None:
-    """Remove temporary folders that a killed run left beside ``target``."""
-    prefix = f".{target.name}{_TEMPORARY_MARK}"
-    for leftover in target.parent.glob(f"{prefix}*"):
-        pid = leftover.name.removeprefix(prefix).split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            logger.info("Removing %s, left by an interrupted run", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
-def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty ``target`` unless ``overwrite``; return it as a Path."""
+def _remove_stale_leftovers(target: Path) -> None:
+    """Remove what killed runs left beside ``target``: their temporary folders and the
+    previous outputs they had moved aside, both named ``.<name><mark><pid>-<random>``."""
+    for mark in (_TEMPORARY_MARK, _REPLACED_MARK):
+        prefix = f".{target.name}{mark}"
+        for leftover in target.parent.glob(f"{prefix}*"):
+            pid = leftover.name.removeprefix(prefix).split("-", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                logger.info("Removing %s, left by an interrupted run", leftover)
+                _remove(leftover)
+
+
+def _overlap(output: Path, folder: Path) -> str | None:
+    """How ``output`` (resolved) touches ``folder`` (resolved), if it does."""
+    if output == folder:
+        return "is"
+    if output in folder.parents:
+        return "contains"
+    if folder in output.parents:
+        return "lies inside"
+    return None
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def check_not_an_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an output that is, contains or lies inside one of the ``inputs`` folders (those
+    that exist locally; Hub ids are skipped), the Hub cache, or the current folder.
+
+    Symlinks are followed, so a link to an input is that input.
+
+    Raises:
+        OutputOverlapsInputError: naming the output and what it touches.
+    """
+    output = Path(target).resolve()
+    protected = [(Path(source), "input") for source in inputs if Path(source).exists()]
+    protected += [(_hub_cache(), "the Hub cache"), (Path.cwd(), "the current folder")]
+    for folder, what in protected:
+        relation = _overlap(output, folder.resolve())
+        if relation is None or (relation == "lies inside" and what == "the current folder"):
+            continue
+        culprit = what if what != "input" else f"the input {folder}"
+        raise OutputOverlapsInputError(
+            f"{target}: the output {relation} {culprit}; inputs are never written to, even "
+            "with overwrite; choose another folder"
+        )
+
+
+def check_output_dir(
+    target: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Refuse an output that touches an input (see :func:`check_not_an_input`), and an existing
+    non-empty ``target`` unless ``overwrite``; return ``target`` as a Path."""
+    check_not_an_input(target, inputs)
     target = Path(target)
     if _is_nonempty(target) and not overwrite:
         raise OutputExistsError(
@@ -53,33 +116,44 @@ def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> Path
 
 
 @contextmanager
-def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    target: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``target`` that becomes ``target`` on success.
 
-    On any error the temporary folder is removed and ``target`` is left as it was, so a failed
-    or interrupted run never leaves a half-written model behind. A non-empty ``target`` is
-    refused unless ``overwrite=True``, and is then replaced only once the new folder is complete.
+    On any error (Ctrl-C included) the temporary folder is removed and ``target`` is left as it
+    was, so a failed or interrupted run never leaves a half-written model behind. A non-empty
+    ``target`` is refused unless ``overwrite=True``, and is then replaced only once the new
+    folder is complete. An output touching one of ``inputs`` (folders the output is made from),
+    the Hub cache or the current folder is always refused. Leftovers of killed runs beside
+    ``target`` are removed first.
     """
-    target = check_output_dir(target, overwrite)
+    check_output_dir(target, overwrite, inputs=inputs)
+    # Absolute, so that "out/.." or a trailing "." still names a folder with a parent.
+    target = Path(os.path.abspath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary = target.parent / f".{target.name}{_TEMPORARY_MARK}{unique}"
+    _remove_stale_leftovers(target)
+    temporary = target.parent / f".{target.name}{_TEMPORARY_MARK}{_unique()}"
     # Not tempfile.mkdtemp: its mode 0o700 would stay on the finished folder; mkdir honours umask.
     temporary.mkdir()
     try:
         yield temporary
         check_output_dir(target, overwrite)  # something may have appeared meanwhile
-        if target.exists():
-            trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        if target.exists() or target.is_symlink():
+            trash = target.with_name(f".{target.name}{_REPLACED_MARK}{_unique()}")
             target.rename(trash)
             temporary.rename(target)
-            if trash.is_dir():
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                trash.unlink()
+            _remove(trash)
         else:
             temporary.rename(target)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def _unique() -> str:
+    # The process id lets the next run tell a leftover of a dead run from a run in progress.
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -126,7 +126,10 @@ class Soup:
         progress: bool = True,
     ) -> Path:
         """Write the soup as a model folder through the streaming merge, recipe included."""
-        with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
+        sources = [*self.ingredients, *([self.base] if self.base else [])]
+        with atomic_output_dir(
+            out_dir, overwrite=overwrite, inputs=[i.path for i in sources]
+        ) as work_dir:
             merge(
                 self.ingredients,
                 work_dir,
@@ -157,8 +160,10 @@ class Soup:
         import tempfile
 
         from hf_soups.cards import write_card
-        from hf_soups.push import push_folder
+        from hf_soups.hub import check_push_access, push_folder
 
+        # An unreachable Hub or a refused token is found before the merge, not after it.
+        check_push_access(repo_id, private=private, token=token, revision=revision)
         with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
             folder = self.save_pretrained(Path(scratch) / "soup", progress=False)
             write_card(folder)

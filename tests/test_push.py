@@ -15,6 +15,8 @@ import base64
 import hashlib
 import json
 import logging
+import socket
+import sys
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +25,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from safetensors.torch import save_file
 
 from hf_soups.cli import main
@@ -418,3 +421,107 @@ def test_soup_push_to_hub(hub, tmp_path, caplog):
     assert "model-soup" in card.data.tags
     assert all(str(f) in card.text for f in folders)
     assert_token_confined(hub, caplog)
+
+
+# -- failures are one line, found before anything changes ------------------------------------
+
+# huggingface_hub's HTTP library (httpx, or the fork it pins), whatever its import name.
+httpx = sys.modules[HfHubHTTPError.__bases__[0].__module__]
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """An endpoint where nothing listens: connections are refused, as with the network down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return url
+
+
+def test_an_unreachable_hub_is_one_line_and_changes_nothing(unreachable_hub, tmp_path, capsys):
+    folder = make_model_folder(tmp_path)
+    before = folder_state(folder)
+    with pytest.raises(HubPushError) as caught:
+        push_folder(folder, "acme/offline", token=TOKEN)
+    message = str(caught.value)
+    assert "\n" not in message and TOKEN not in message
+    assert message.startswith("could not create the repository for acme/offline: ConnectError")
+    assert folder_state(folder) == before  # no README.md written
+
+    code = main(["push", str(folder), "acme/offline"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith("hf-soups push: error: could not create the repository")
+    assert folder_state(folder) == before
+
+
+def test_a_refused_token_is_one_line_and_changes_nothing(hub, tmp_path):
+    folder = make_model_folder(tmp_path)
+    before = folder_state(folder)
+    with pytest.raises(HubPushError) as caught:
+        push_folder(folder, "acme/soup", token="hf_WRONG_TOKEN_456")
+    message = str(caught.value)
+    assert "\n" not in message and "hf_WRONG_TOKEN_456" not in message
+    assert message.startswith("could not create the repository for acme/soup: ")
+    assert "401" in message
+    assert folder_state(folder) == before
+    assert [r["path"] for r in hub.requests] == ["/api/repos/create"]  # no file was sent
+
+
+def test_a_refused_commit_writes_no_card_into_the_folder(hub, tmp_path):
+    folder = make_model_folder(tmp_path)
+    before = folder_state(folder)
+    with pytest.raises(HubPushError, match="commit the folder"):
+        push_folder(folder, FORBIDDEN_REPO, token=TOKEN)
+    assert folder_state(folder) == before
+
+
+def test_repository_not_found_is_one_line(hub, tmp_path, monkeypatch):
+    def not_found(*args, **kwargs):
+        request = httpx.Request("POST", f"{hub.url}/api/repos/create")
+        response = httpx.Response(404, request=request, text=f"token {TOKEN}\nnot found")
+        raise RepositoryNotFoundError(
+            f"404 for token {TOKEN}\nRepository Not Found", response=response
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", not_found)
+    folder = make_model_folder(tmp_path)
+    with pytest.raises(HubPushError) as caught:
+        push_folder(folder, "acme/gone", token=TOKEN)
+    message = str(caught.value)
+    assert "RepositoryNotFoundError" in message and "\n" not in message
+    assert TOKEN not in message and "<token>" in message
+
+
+def test_soup_push_checks_the_hub_before_merging(unreachable_hub, tmp_path, monkeypatch):
+    from tiny import make_vit_folder
+
+    import hf_soups.soup
+    from hf_soups.soup import SoupBuilder
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("merged before knowing the push could happen")
+
+    monkeypatch.setattr(hf_soups.soup, "merge", no_merge)
+    folders = [make_vit_folder(tmp_path / f"ft{i}", seed=i) for i in range(2)]
+    soup = SoupBuilder.from_pretrained([str(f) for f in folders]).uniform()
+    with pytest.raises(HubPushError, match="could not create the repository"):
+        soup.push_to_hub("acme/uniform", token=TOKEN, work_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft0", "ft1"]
+
+
+def test_the_old_import_path_is_the_hub_package():
+    import hf_soups.hub
+    import hf_soups.push
+
+    assert hf_soups.push.push_folder is hf_soups.hub.push_folder is push_folder
+    assert hf_soups.push.HubPushError is hf_soups.hub.HubPushError is HubPushError

@@ -3,7 +3,7 @@
 Prints pairwise weight statistics, interpolation barriers (with ``--recipe``) and a verdict per
 checkpoint; with ``--out``, also writes ``diagnostics.json`` and the plots there. The recipe
 holds one eval set under ``held_out``, with the keys of a soup recipe's ``held_out`` (see
-:mod:`hf_soups.commands.soup`); a soup recipe itself works, its other keys are not used::
+:mod:`hf_soups.soup_recipe`); a soup recipe itself works, its other keys are not used::
 
     held_out:
       dataset: data/validation   # a Dataset.save_to_disk folder, relative to this file
@@ -13,13 +13,6 @@ holds one eval set under ``held_out``, with the keys of a soup recipe's ``held_o
 from __future__ import annotations
 
 import argparse
-import logging
-from collections.abc import Mapping
-from pathlib import Path
-
-import yaml
-
-logger = logging.getLogger(__name__)
 
 REPORT_FILE = "diagnostics.json"
 _PAIRS = ("reference", "soup", "all")
@@ -53,26 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_held_out(path: str):
-    """The Evaluator of a recipe's ``held_out`` eval set."""
-    from hf_soups.patching.recipe import RecipeError, load_eval_set
-
-    file = Path(path)
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{file}: invalid YAML ({error})") from None
-    if not isinstance(raw, Mapping) or raw.get("held_out") is None:
-        raise RecipeError(f"{file}: needs a 'held_out' eval set ({{dataset: ..., metric: ...}})")
-    return load_eval_set(file, "held_out", raw["held_out"], file.parent).evaluator
-
-
 def run(args: argparse.Namespace) -> None:
     from hf_soups.diagnostics import check_soupability, write_plots
     from hf_soups.output import atomic_output_dir, check_output_dir
+    from hf_soups.soup_recipe import load_held_out
 
+    inputs = [*args.sources, *([args.base] if args.base else [])]
     if args.out is not None:
-        check_output_dir(args.out, args.overwrite)  # fail before the measurements, not after
+        # Fail before the measurements, not after.
+        check_output_dir(args.out, args.overwrite, inputs=inputs)
     evaluator = load_held_out(args.recipe) if args.recipe else None
     report = check_soupability(
         args.sources,
@@ -84,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
     )
     print(report.table())
     if args.out is not None:
-        with atomic_output_dir(args.out, overwrite=args.overwrite) as work_dir:
+        with atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as work_dir:
             write_plots(report, work_dir)
             report.save(work_dir / REPORT_FILE)
         print(f"Wrote {REPORT_FILE} and {len(report.plots)} plot(s) to {args.out}")

@@ -4,31 +4,75 @@ method (``--method ties --base BASE --param density=0.2 ...``)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 
-import torch
-import yaml
+logger = logging.getLogger(__name__)
 
-from hf_soups.errors import InvalidWeightsError, MissingBaseError
-from hf_soups.merge import merge
-from hf_soups.methods import METHODS, WeightedAverage, get_method
+# Output dtypes of floating tensors, by their torch names.
+DTYPES = ("bfloat16", "float16", "float32")
+# The registered merge methods but the weighted average, which --weights sets; listed here so
+# that --help needs no torch (tests/test_cli_startup.py checks it against hf_soups.methods).
+MERGE_METHODS = ("dare_linear", "dare_ties", "fisher", "model_stock", "task_arithmetic", "ties")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+def torch_dtype(name: str | None):
+    """The torch dtype named by ``--dtype``, or None."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def parse_weights(text: str) -> list[float]:
+    from hf_soups.errors import InvalidWeightsError
+
     try:
         return [float(value) for value in text.split(",")]
     except ValueError:
-        raise InvalidWeightsError(f"--weights: {text!r} is not a comma-separated list of numbers")
+        raise InvalidWeightsError(
+            f"--weights: {text!r} is not a comma-separated list of numbers"
+        ) from None
 
 
-# The weighted average is the default, set by --weights.
-MERGE_METHODS = sorted(name for name in METHODS if name != WeightedAverage.name)
+def check_weight_sum(weights: list[float], num_sources: int, normalize: bool) -> list[float]:
+    """Refuse weights that cancel out (a model of zeros); rescale them to sum to one with
+    ``normalize``, else warn when they do not (the merged weights are scaled by their sum).
+    A wrong count or a non-finite weight is left to the merge, whose error names it."""
+    from hf_soups.errors import InvalidWeightsError
+
+    if len(weights) != num_sources or not all(map(math.isfinite, weights)):
+        return weights
+    total = math.fsum(weights)
+    if abs(total) <= 1e-9 * max(map(abs, weights)):
+        raise InvalidWeightsError(
+            f"--weights: {','.join(f'{w:g}' for w in weights)} sum to zero, which would write a "
+            "model of zeros"
+        )
+    negative = [weight for weight in weights if weight < 0]
+    if negative:
+        logger.warning(
+            "--weights: negative weight(s) %s extrapolate beyond the ingredients",
+            ", ".join(f"{w:g}" for w in negative),
+        )
+    if normalize:
+        return [weight / total for weight in weights]
+    if not math.isclose(total, 1.0, rel_tol=1e-6):
+        logger.warning(
+            "--weights sum to %g, not 1: every merged tensor is scaled by %g "
+            "(pass --normalize to rescale the weights to sum to 1)",
+            total,
+            total,
+        )
+    return weights
 
 
 def parse_params(items: list[str]) -> dict:
     """``["density=0.2", "scaling=[1, 0.5]"]`` -> ``{"density": 0.2, "scaling": [1, 0.5]}``;
     values are read as YAML, so numbers, lists and booleans keep their types."""
+    import yaml
+
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -49,9 +93,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model folder, streaming tensor by tensor. Default: a uniform average.",
     )
     parser.add_argument("sources", nargs="+", metavar="SOURCE")
-    parser.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     parser.add_argument(
-        "--weights", type=str, help="comma-separated mixing weights, one per source"
+        "--out",
+        required=True,
+        help="output folder (must not exist, or be empty; never an input, nor inside one)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=str,
+        help="comma-separated mixing weights, one per source (negative ones allowed: -0.5,1.5)",
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="rescale --weights to sum to 1 (otherwise a warning names their sum)",
     )
     parser.add_argument(
         "--method",
@@ -69,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a parameter of --method, repeatable (density=0.2, scaling=1.0, seed=0, ...)",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="shard size limit (default 5GB)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype of floating tensors")
+    parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
         "--allow-pickle",
@@ -83,7 +138,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from hf_soups.merge import as_ingredients
+    from hf_soups.errors import MissingBaseError
+    from hf_soups.merge import as_ingredients, merge
+    from hf_soups.methods import METHODS, get_method
+    from hf_soups.output import check_output_dir
 
     method = None
     if args.method is not None:
@@ -95,16 +153,23 @@ def run(args: argparse.Namespace) -> None:
         method = get_method(args.method, **parse_params(args.param))
     elif args.param or args.base is not None:
         raise ValueError("--param and --base apply to a --method")
+    if args.normalize and not args.weights:
+        raise ValueError("--normalize rescales --weights; give --weights")
+    weights = None
+    if args.weights:
+        weights = check_weight_sum(parse_weights(args.weights), len(args.sources), args.normalize)
+    # Before any Hub download or reading: the output must not be, hold or lie in an input.
+    inputs = [*args.sources, *([args.base] if args.base else [])]
+    check_output_dir(args.out, args.overwrite, inputs=inputs)
     ingredients = as_ingredients(args.sources, allow_pickle=args.allow_pickle)
     base = as_ingredients([args.base], allow_pickle=args.allow_pickle)[0] if args.base else None
-    weights = parse_weights(args.weights) if args.weights else None
     out = merge(
         ingredients,
         args.out,
         weights=weights,
         method=method,
         base=base,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=torch_dtype(args.dtype),
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         allow_non_finite=args.allow_non_finite,

@@ -1,73 +1,32 @@
 """``hf-soups soup RECIPE.yaml``: build a soup described in a YAML recipe.
 
-A soup recipe::
-
-    sources:                         # Hub ids (org/name[@revision]) or folders (relative to
-      - org/vit-ft-lr1e-5            # this file); or, instead of a list, one sweep folder
-      - org/vit-ft-lr3e-5@v1         # whose subfolders hold ingredient.json
-      - ./runs/seed2
-    method: greedy                   # uniform | greedy | learned | learned_by_layer, or a
-                                     # merge method: task_arithmetic | ties | dare_linear |
-                                     # dare_ties | model_stock | fisher
-    base: org/vit-pretrained         # merge methods on task vectors: the pre-trained model
-    parameters: {density: 0.2}       # merge methods: their parameters (fisher_dirs are
-                                     # relative to this file)
-    held_out:                        # data greedy and learned soups are chosen on
-      dataset: data/validation       # a Dataset.save_to_disk folder
-      metric: accuracy
-    eval_sets:                       # optional: scored for the report, never used to choose
-      test: {dataset: data/test}
-    greedy: {strict: true, min_gain: 0.0, noise_aware: false, max_size: null}
-    learned: {epochs: 5, lr: 0.05, batch_size: 64}
-    ensemble: true                   # also score the logit ensemble (N models in memory)
-    out: greedy-soup
-    overwrite: false
-    push_to_hub: {repo_id: me/greedy-soup, private: true}   # optional
-
-Eval set entries take the keys of :mod:`hf_soups.patching.recipe`'s eval sets. Merge methods
-need no ``held_out`` data; ``eval_sets`` still score them.
+The recipe format and its runner live in :mod:`hf_soups.soup_recipe`; this module only parses
+the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import logging
-import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
+import importlib
 
-from hf_soups.methods import METHODS as MERGE_METHODS
-from hf_soups.methods import WeightedAverage
-from hf_soups.patching.recipe import RecipeError, load_eval_set, read_recipe_file, resolve_path
+# Old import paths (``from hf_soups.commands.soup import parse_recipe``), served on first use so
+# that the command line's --help does not import the runner (and torch).
+_MOVED = ("METHODS", "SOUP_METHODS", "parse_recipe", "run_recipe")
 
-logger = logging.getLogger(__name__)
 
-SOUP_METHODS = ("uniform", "greedy", "learned", "learned_by_layer")
-# The weighted average is what uniform and greedy soups already are.
-METHODS = (*SOUP_METHODS, *sorted(set(MERGE_METHODS) - {WeightedAverage.name}))
-_KEYS = {
-    "sources",
-    "method",
-    "base",
-    "parameters",
-    "held_out",
-    "eval_sets",
-    "greedy",
-    "learned",
-    "ensemble",
-    "out",
-    "overwrite",
-    "push_to_hub",
-}
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module("hf_soups.soup_recipe"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "soup",
         help="build a soup (uniform, greedy, learned or a merge method) from a YAML recipe",
-        description=__doc__.split("\n\n", 1)[0],
+        description="Build a soup described in a YAML recipe: its sources, method, held-out "
+        "data, eval sets, output folder and optional push to the Hub (see the hf_soups.soup_recipe "
+        "module for the format).",
     )
     parser.add_argument("recipe", help="the soup recipe (YAML)")
     parser.add_argument("--out", help="output folder (overrides the recipe's 'out')")
@@ -75,148 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _section(file: Path, raw: Mapping, key: str) -> dict:
-    value = raw.get(key) or {}
-    if not isinstance(value, Mapping):
-        raise RecipeError(f"{file}: '{key}' must be a mapping")
-    return dict(value)
-
-
-def _check_options(
-    file: Path, key: str, options: Mapping, function: Callable, *args, **fixed
-) -> None:
-    """Refuse options ``function`` does not take, naming the recipe key and the known ones
-    (``args`` and ``fixed`` are what the recipe runner passes itself)."""
-    signature = inspect.signature(function)
-    try:
-        signature.bind(*args, **fixed, **options)
-    except TypeError as error:
-        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        known = [
-            name
-            for name, parameter in list(signature.parameters.items())[len(args) :]
-            if parameter.kind not in variadic and name not in fixed
-        ]
-        raise RecipeError(f"{file}: {key}: {error} (known: {', '.join(known)})") from None
-
-
-def _source(value: str, base: Path) -> str:
-    """A folder relative to the recipe, normalised (it names the ingredient in the recipe and
-    the card), or a Hub id as written."""
-    resolved = resolve_path(value, base)
-    return os.path.normpath(resolved) if Path(resolved).exists() else resolved
-
-
-def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a soup recipe without loading models or data.
-
-    Returns the recipe's mapping with ``method`` filled in (default ``uniform``).
-
-    Raises:
-        RecipeError: naming the file and the key at fault.
-    """
-    file = Path(path)
-    raw = read_recipe_file(file, _KEYS)
-    sources = raw.get("sources")
-    if not (isinstance(sources, list) and sources) and not isinstance(sources, str):
-        raise RecipeError(
-            f"{file}: 'sources' must list the ingredients, or name one sweep folder whose "
-            "subfolders hold ingredient.json"
-        )
-    method = raw.get("method", "uniform")
-    if method not in METHODS:
-        raise RecipeError(f"{file}: method {method!r} is not one of {', '.join(METHODS)}")
-    for key in ("held_out", "eval_sets", "greedy", "learned", "push_to_hub", "parameters"):
-        _section(file, raw, key)
-    if method in SOUP_METHODS:
-        for key in ("base", "parameters"):
-            if raw.get(key) is not None:
-                raise RecipeError(f"{file}: '{key}' is for merge methods, not method {method!r}")
-        if method != "uniform" and raw.get("held_out") is None:
-            raise RecipeError(f"{file}: method {method!r} needs 'held_out' data")
-    else:
-        needs_base = MERGE_METHODS[method].needs_base
-        if needs_base and raw.get("base") is None:
-            raise RecipeError(f"{file}: method {method!r} needs 'base' (the pre-trained model)")
-        if not needs_base and raw.get("base") is not None:
-            raise RecipeError(f"{file}: 'base': method {method!r} does not use a base model")
-        _check_options(file, "parameters", _section(file, raw, "parameters"), MERGE_METHODS[method])
-    for key in ("greedy", "learned"):
-        if raw.get(key) is not None and not method.startswith(key):
-            raise RecipeError(f"{file}: '{key}' options are for method {key!r}, not {method!r}")
-    return {**raw, "method": method}
-
-
-def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bool = False):
-    """Build, score, save (and optionally push) the soup a recipe describes; returns the Soup."""
-    from hf_soups.learned import fit_mixing_coefficients
-    from hf_soups.soup import SoupBuilder
-
-    file = Path(path)
-    base = file.parent
-    raw = parse_recipe(file)
-    method = raw["method"]
-    out = out or (str(base / os.path.expanduser(str(raw["out"]))) if raw.get("out") else None)
-    if out is None:
-        raise RecipeError(f"{file}: no 'out' folder (in the recipe or --out)")
-    held_out = None
-    if raw.get("held_out") is not None:
-        held_out = load_eval_set(file, "held_out", raw["held_out"], base).evaluator
-    eval_sets = {
-        # load_eval_set's messages say "eval_sets.<name>" themselves.
-        str(name): load_eval_set(file, str(name), spec, base).evaluator
-        for name, spec in _section(file, raw, "eval_sets").items()
-    }
-    sources = raw["sources"]
-    builder = SoupBuilder.from_pretrained(
-        _source(sources, base)
-        if isinstance(sources, str)
-        else [_source(str(source), base) for source in sources]
-    )
-    if method == "uniform":
-        soup = builder.uniform()
-    elif method == "greedy":
-        options = _section(file, raw, "greedy")
-        _check_options(file, "greedy", options, builder.greedy, held_out)
-        soup = builder.greedy(held_out, **options)
-    elif method in SOUP_METHODS:
-        options = {
-            "input_column": held_out.input_column,
-            "label_column": held_out.label_column,
-            **_section(file, raw, "learned"),
-        }
-        by_layer = method == "learned_by_layer"
-        _check_options(
-            file, "learned", options, fit_mixing_coefficients, [], None, by_layer=by_layer
-        )
-        soup = builder.learned(held_out.dataset, by_layer=by_layer, **options)
-    else:
-        parameters = _section(file, raw, "parameters")
-        if "fisher_dirs" in parameters and isinstance(parameters["fisher_dirs"], list):
-            parameters["fisher_dirs"] = [
-                resolve_path(str(d), base) for d in parameters["fisher_dirs"]
-            ]
-        pretrained = _source(str(raw["base"]), base) if raw.get("base") else None
-        soup = builder.merge_method(method, base=pretrained, **parameters)
-    if raw.get("ensemble"):
-        for evaluator in [held_out, *eval_sets.values()]:
-            if evaluator is not None:
-                builder.ensemble(evaluator)
-    if eval_sets:
-        builder.evaluate_ingredients(eval_sets)
-        soup.evaluate(eval_sets)
-    folder = soup.save_pretrained(out, overwrite=overwrite or bool(raw.get("overwrite")))
-    from hf_soups.cards import write_card
-
-    write_card(folder)
-    print(soup.report())
-    push = _section(file, raw, "push_to_hub")
-    if push:
-        from hf_soups.push import push_folder
-
-        push_folder(folder, push.pop("repo_id"), **push)
-    return soup
-
-
 def run(args: argparse.Namespace) -> None:
+    from hf_soups.soup_recipe import run_recipe
+
     run_recipe(args.recipe, out=args.out, overwrite=args.overwrite)

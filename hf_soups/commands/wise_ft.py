@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from hf_soups.commands.merge import DTYPES
+from hf_soups.commands.merge import DTYPES, torch_dtype
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that write an interpolated model folder."""
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype of floating tensors")
+    parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors")
     parser.add_argument("--max-shard-size", default="5GB", help="shard size limit (default 5GB)")
 
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def output_kwargs(args: argparse.Namespace) -> dict:
     return {
         "overwrite": args.overwrite,
-        "dtype": DTYPES[args.dtype] if args.dtype else None,
+        "dtype": torch_dtype(args.dtype),
         "max_shard_size": args.max_shard_size,
         "progress": not args.quiet,
     }
@@ -58,8 +58,11 @@ def report(result) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_soups.output import check_output_dir
     from hf_soups.patching import choose_wise_ft, load_eval_recipe, parse_alphas, wise_ft
 
+    # Before any loading or scoring: the output must not be, hold or lie in an input.
+    check_output_dir(args.out, args.overwrite, inputs=[args.zero_shot, args.fine_tuned])
     if args.alpha is not None:
         if args.recipe:
             raise ValueError("--recipe is used with --sweep only")

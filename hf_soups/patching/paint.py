@@ -141,7 +141,9 @@ class PatchResult:
             **merge_kwargs: ``dtype``, ``max_shard_size``, ``progress``, ... of ``merge``.
         """
         dtype = merge_kwargs.get("dtype")
-        with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
+        with atomic_output_dir(
+            out_dir, overwrite=overwrite, inputs=[self.zero_shot.path, self.fine_tuned.path]
+        ) as work_dir:
             wise_ft(
                 self.zero_shot,
                 self.fine_tuned,

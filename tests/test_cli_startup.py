@@ -1,0 +1,120 @@
+"""Cold start: ``--help`` and argument errors import no heavy library, and a merge of plain
+safetensors folders needs neither transformers nor open_clip.
+
+Each case runs in a fresh interpreter (a test process has long imported everything) through a
+small runner that calls the command line as ``python -m hf_soups.cli`` does, then prints which
+of the heavy modules ended up in ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import (
+    assert_matches_reference,
+    load_weights,
+    weighted_reference,
+    write_weights_folder,
+)
+
+from hf_soups.commands.merge import DTYPES, MERGE_METHODS
+from hf_soups.methods import METHODS, WeightedAverage
+
+HEAVY = [
+    "torch",
+    "transformers",
+    "open_clip",
+    "datasets",
+    "accelerate",
+    "safetensors.torch",
+    "matplotlib",
+]
+
+RUNNER = """
+import json, runpy, sys
+watched = json.loads(sys.argv[2])
+sys.argv = ["hf-soups", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("hf_soups.cli", run_name="__main__")
+except SystemExit as done:
+    code = done.code
+else:
+    code = 0
+heavy = [name for name in watched if name in sys.modules]
+print(json.dumps({"code": code, "imported": heavy}), file=sys.__stderr__)
+"""
+
+
+def run_cli(args: list[str], cwd=None) -> tuple[dict, str, str]:
+    """Run ``hf-soups ARGS`` in a fresh interpreter: (runner report, stdout, stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps(args), json.dumps(HEAVY)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+    *stderr, report = done.stderr.strip().splitlines()
+    return json.loads(report), done.stdout, "\n".join(stderr)
+
+
+COMMANDS = ["demo", "merge", "soup", "wise-ft", "patch", "push", "card", "diagnose"]
+
+
+@pytest.mark.parametrize("args", [["--help"], *([name, "--help"] for name in COMMANDS)])
+def test_help_imports_no_heavy_library(args):
+    report, out, _ = run_cli(args)
+    assert report == {"code": 0, "imported": []}
+    assert "usage: hf-soups" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],  # no command
+        ["merge"],  # no sources, no --out
+        ["merge", "a", "b", "--out", "x", "--method", "nonsense"],
+        ["merge", "a", "b", "--out", "x", "--dtype", "float8"],
+        ["wise-ft", "a", "b", "--out", "x"],  # neither --alpha nor --sweep
+        ["frobnicate"],
+    ],
+)
+def test_argument_errors_import_no_heavy_library(args):
+    report, out, err = run_cli(args)
+    assert report == {"code": 2, "imported": []}
+    assert out == "" and "error:" in err.splitlines()[-1]
+
+
+def test_merge_of_plain_safetensors_needs_neither_transformers_nor_open_clip(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    folders = [
+        write_weights_folder(
+            tmp_path / name,
+            {
+                "layer.weight": torch.randn(5, 3, generator=generator),
+                "layer.bias": torch.randn(5, generator=generator),
+                "steps": torch.tensor([7]),
+            },
+        )
+        for name in ("a", "b")
+    ]
+    out = tmp_path / "soup"
+    args = ["-q", "merge", *map(str, folders), "--out", str(out), "--weights", "0.25,0.75"]
+    report, stdout, err = run_cli(args)
+    assert report["code"] == 0, err
+    assert {"transformers", "open_clip", "datasets", "matplotlib"}.isdisjoint(report["imported"])
+    assert stdout.startswith(f"Merged 2 checkpoints into {out}")
+    assert_matches_reference(load_weights(out), weighted_reference(folders, [0.25, 0.75]))
+
+
+def test_the_static_lists_of_the_parser_match_the_library():
+    # The parser lists methods and dtypes without importing torch; they must not drift.
+    assert sorted(MERGE_METHODS) == sorted(set(METHODS) - {WeightedAverage.name})
+    assert all(getattr(torch, name).is_floating_point for name in DTYPES)
