@@ -4,6 +4,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from hf_soups.errors import (
+    CallbackConflictError,
     CorruptedCheckpointError,
     HfSoupsError,
     HubPushError,
@@ -13,6 +14,7 @@ from hf_soups.errors import (
     MissingBaseError,
     NonFiniteWeightsError,
     OutputExistsError,
+    OutputOverlapsInputError,
     RecipeError,
     UnpairedResultsError,
     UnsafeCheckpointError,
@@ -59,6 +61,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CallbackConflictError",
+    "OutputOverlapsInputError",
     "CorruptedCheckpointError",
     "HfSoupsError",
     "HubPushError",

@@ -39,15 +39,15 @@ from typing import Any
 
 import yaml
 
+from hf_soups.methods import BY_NAME
 from hf_soups.methods import METHODS as MERGE_METHODS
-from hf_soups.methods import WeightedAverage
 from hf_soups.patching.recipe import RecipeError, load_eval_set, read_recipe_file, resolve_path
 
 logger = logging.getLogger(__name__)
 
 SOUP_METHODS = ("uniform", "greedy", "learned", "learned_by_layer")
 # The weighted average is what uniform and greedy soups already are.
-METHODS = (*SOUP_METHODS, *sorted(set(MERGE_METHODS) - {WeightedAverage.name}))
+METHODS = (*SOUP_METHODS, *BY_NAME)
 _KEYS = {
     "sources",
     "method",

@@ -23,7 +23,7 @@ from tiny import (
 )
 
 from hf_soups.commands.merge import DTYPES, MERGE_METHODS
-from hf_soups.methods import METHODS, WeightedAverage
+from hf_soups.methods import BY_NAME
 
 HEAVY = [
     "torch",
@@ -116,5 +116,5 @@ def test_merge_of_plain_safetensors_needs_neither_transformers_nor_open_clip(tmp
 
 def test_the_static_lists_of_the_parser_match_the_library():
     # The parser lists methods and dtypes without importing torch; they must not drift.
-    assert sorted(MERGE_METHODS) == sorted(set(METHODS) - {WeightedAverage.name})
+    assert sorted(MERGE_METHODS) == sorted(BY_NAME)
     assert all(getattr(torch, name).is_floating_point for name in DTYPES)

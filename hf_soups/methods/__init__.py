@@ -36,6 +36,10 @@ METHODS: dict[str, type[MergeMethod]] = {
 }
 
 
+BY_NAME: tuple[str, ...] = tuple(sorted(name for name, cls in METHODS.items() if cls.by_name))
+"""The methods a user picks by name (``hf-soups merge --method``, a YAML recipe's ``method``)."""
+
+
 def get_method(name: str, **params) -> MergeMethod:
     """Build the method registered as ``name`` (a key of :data:`METHODS`) with ``params``.
 
@@ -61,6 +65,7 @@ def get_method(name: str, **params) -> MergeMethod:
 __all__ = [
     "DARELinear",
     "DARETIES",
+    "BY_NAME",
     "METHODS",
     "FisherAverage",
     "Interpolation",

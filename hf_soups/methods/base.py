@@ -29,6 +29,9 @@ class MergeMethod(ABC):
     name: str
     needs_base: bool = False
     citation: str | None = None
+    by_name: bool = True
+    """Offered by name with its parameters (``hf-soups merge --method``, YAML recipes); False
+    for rules that other entry points build (soups' weights, WiSE-FT, learned coefficients)."""
 
     @abstractmethod
     def merge_tensor(
@@ -84,6 +87,7 @@ class WeightedAverage(MergeMethod):
     """
 
     name = "weighted_average"
+    by_name = False
 
     def __init__(self, weights: Sequence[float]):
         self.weights = [float(weight) for weight in weights]

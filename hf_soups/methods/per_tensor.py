@@ -23,6 +23,7 @@ class PerTensorWeights(MergeMethod):
     """``theta_j = sum_m weights[j][m] * theta_jm``; every floating tensor needs its weights."""
 
     name = "per_tensor_weights"
+    by_name = False
     citation = citations.SOUPS
 
     def __init__(self, weights: Mapping[str, Sequence[float]]):

@@ -60,6 +60,7 @@ class Interpolation(MergeMethod):
     """
 
     name = "wise_ft"
+    by_name = False
     citation = WISE_FT_CITATION
 
     def __init__(self, alpha: float):
