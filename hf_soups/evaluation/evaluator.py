@@ -86,6 +86,8 @@ class Evaluator:
     model and sees its shard of the data; `gather_for_metrics` drops the samples Accelerate
     repeats to even out the last batch, so metrics and per-example predictions equal those of
     a single process.
+
+    `with_metrics` gives a copy that computes more metrics on the same data.
     """
 
     def __init__(

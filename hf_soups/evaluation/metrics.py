@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
+import datasets
 import numpy as np
 import torch
 
@@ -122,8 +123,6 @@ def _top_k(k: int) -> BoundMetric:
 
 
 def _wants_scores(module: evaluate.EvaluationModule) -> bool:
-    import datasets
-
     features = module.features
     if isinstance(features, list):
         features = features[0]
