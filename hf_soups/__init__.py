@@ -27,6 +27,7 @@ _LAZY = {
     "Soup": "hf_soups.soup",
     "SoupBuilder": "hf_soups.soup",
     "load_model": "hf_soups.models",
+    "ZeroShotTask": "hf_soups.models",
     "wise_ft": "hf_soups.patching",
     "choose_wise_ft": "hf_soups.patching",
     "patch": "hf_soups.patching",
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from hf_soups.evaluation import EvalResult, Evaluator
     from hf_soups.ingredients import Ingredient, check_compatible
     from hf_soups.merge import merge, weighted_state_dict
-    from hf_soups.models import load_model
+    from hf_soups.models import ZeroShotTask, load_model
     from hf_soups.patching import choose_wise_ft, patch, sweep, wise_ft
     from hf_soups.soup import Soup, SoupBuilder
     from hf_soups.stats import paired_comparison
@@ -65,6 +66,7 @@ __all__ = [
     "Ingredient",
     "Soup",
     "SoupBuilder",
+    "ZeroShotTask",
     "check_compatible",
     "choose_wise_ft",
     "load_model",

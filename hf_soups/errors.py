@@ -38,3 +38,15 @@ class OutputExistsError(HfSoupsError, FileExistsError):
 
 class MissingBaseError(HfSoupsError, ValueError):
     """A merge method needs a base (pre-trained) model and none was given."""
+
+
+class ZeroShotTaskError(HfSoupsError, ValueError):
+    """A zero-shot task is malformed, or a CLIP model needs one (or its text model) to score."""
+
+
+class LabelMismatchError(HfSoupsError, ValueError):
+    """A dataset's class names differ from the model's labels or the task's class names."""
+
+
+class WeightsFormatError(HfSoupsError, ValueError):
+    """`weights_format` names a format the checkpoint does not hold (or no known format)."""

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from hf_soups.models.labels import check_labels, label_names_of
 from hf_soups.stats import bootstrap_interval, mean_interval
 
 if TYPE_CHECKING:
@@ -738,6 +739,7 @@ class Evaluator:
     def evaluate(self, model: nn.Module, *, name: str | None = None) -> EvalResult:
         """Score one model. `name` labels the result (default: the evaluator's name)."""
         name = name or self.name
+        check_labels(label_names_of(model), self.dataset, label_column=self.label_column)
         result = self._result(self._run([model], name), name)
         if self.accelerator.is_main_process:
             logger.info(result.summary())

@@ -206,12 +206,16 @@ def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
     return (dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
 
 
-def copy_extra_files(source: Path, destination: Path, *, keep_existing: bool = False) -> None:
-    """Copy config, processor and tokenizer files (everything but weights and recipes);
-    with ``keep_existing``, files already in ``destination`` are left as they are."""
+def copy_extra_files(
+    source: Path, destination: Path, *, keep_existing: bool = False, exclude: Sequence[str] = ()
+) -> None:
+    """Copy config, processor and tokenizer files (everything but weights, recipes and the
+    `exclude` names); with ``keep_existing``, files already in ``destination`` are left as
+    they are."""
     for file in sorted(source.iterdir()):
         if (
             file.is_file()
+            and file.name not in exclude
             and not (keep_existing and (destination / file.name).exists())
             and not file.name.endswith(_NOT_COPIED_SUFFIXES)
             and not file.name.endswith(".safetensors.index.json")
@@ -276,7 +280,7 @@ def merge(
             del shard
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copy_extra_files(template.path, work_dir)
+        copy_extra_files(template.path, work_dir, exclude=template.foreign_files)
         record = build_recipe(ingredients, method, base, dtype)
         record.update(recipe or {})
         (work_dir / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -36,7 +36,7 @@ from hf_soups.merge import (
 )
 from hf_soups.methods import get_method
 from hf_soups.methods.base import MergeMethod, WeightedAverage
-from hf_soups.models import load_model, save_model
+from hf_soups.models import ZeroShotTask, load_model, save_model
 from hf_soups.output import atomic_output_dir
 from hf_soups.stats import gain_is_significant
 
@@ -80,6 +80,7 @@ class Soup:
     base: Ingredient | None = None
     tensor_weights: dict[str, list[float]] | None = field(default=None, repr=False)
     diagnostics: DiagnosticsReport | None = field(default=None, repr=False)
+    task: ZeroShotTask | None = None
 
     @property
     def name(self) -> str:
@@ -98,6 +99,7 @@ class Soup:
                 **self.details,
             },
             "scores": self.scores,
+            **({"task": self.task.to_dict()} if self.task is not None else {}),
             **(self._diagnostics_record() if self.diagnostics is not None else {}),
         }
 
@@ -119,7 +121,7 @@ class Soup:
     def to_model(self) -> nn.Module:
         """The soup as an in-memory model, in eval mode."""
         if self.tensor_weights is None:
-            return load_model(self.ingredients[0], self.state_dict())
+            return load_model(self.ingredients[0], self.state_dict(), task=self.task)
         from hf_soups.learned import combine, stack_ingredients
 
         model, stacked = stack_ingredients(self.ingredients)
@@ -244,8 +246,9 @@ class SoupBuilder:
         soup.save_pretrained("greedy-soup")
     """
 
-    def __init__(self, ingredients: Sequence[Ingredient]):
+    def __init__(self, ingredients: Sequence[Ingredient], *, task: ZeroShotTask | None = None):
         self.ingredients = list(ingredients)
+        self.task = task
         if len(self.ingredients) < 1:
             raise HfSoupsError("a soup needs at least one ingredient")
         check_compatible(self.ingredients)
@@ -269,6 +272,8 @@ class SoupBuilder:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         allow_pickle: bool = False,
+        weights_format: str | None = None,
+        task: ZeroShotTask | None = None,
         max_workers: int = 4,
     ) -> SoupBuilder:
         """Fetch ingredients from the Hub (or local folders) in parallel.
@@ -279,6 +284,10 @@ class SoupBuilder:
             token: Hub token (default: ``HF_TOKEN`` or the cached login).
             cache_dir, local_files_only: as in ``huggingface_hub.snapshot_download``.
             allow_pickle: accept ``.bin`` checkpoints (``torch.load(weights_only=True)``).
+            weights_format: ``"transformers"`` (the default) or ``"open_clip"``, for repos
+                holding both (the laion CLIP repos).
+            task: class names and templates to score CLIP ingredients (see
+                :class:`~hf_soups.models.ZeroShotTask`).
         """
         revisions = list(revisions) if revisions is not None else [None] * len(sources)
         if len(revisions) != len(sources):
@@ -293,11 +302,12 @@ class SoupBuilder:
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 allow_pickle=allow_pickle,
+                weights_format=weights_format,
             )
 
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             ingredients = list(pool.map(fetch, zip(sources, revisions)))
-        return cls(ingredients)
+        return cls(ingredients, task=task)
 
     @classmethod
     def from_pretrained(
@@ -342,7 +352,9 @@ class SoupBuilder:
         """Score every ingredient alone (each read once); recorded under its name."""
         eval_name = getattr(evaluator, "name", "held_out")
         for ingredient in self.ingredients:
-            value, result = _score(evaluator, load_model(ingredient), ingredient.name, metric)
+            value, result = _score(
+                evaluator, load_model(ingredient, task=self.task), ingredient.name, metric
+            )
             self._individual[ingredient.name] = value
             if result is not None:
                 self._individual_results[ingredient.name] = result
@@ -358,7 +370,7 @@ class SoupBuilder:
         ``"best individual"`` repeats the scores of the ingredient best on held-out data.
         """
         for ingredient in self.ingredients:
-            model = load_model(ingredient)
+            model = load_model(ingredient, task=self.task)
             for eval_name, evaluator in evaluators.items():
                 result = evaluator.evaluate(model, name=ingredient.name)
                 self._record(ingredient.name, eval_name, result, result.score)
@@ -385,7 +397,7 @@ class SoupBuilder:
 
         Holds every ingredient's model in memory at once.
         """
-        models = [load_model(ingredient) for ingredient in self.ingredients]
+        models = [load_model(ingredient, task=self.task) for ingredient in self.ingredients]
         result = evaluator.evaluate_ensemble(models, name="ensemble")
         self._record("ensemble", evaluator.name, result, result.score)
         return result
@@ -398,6 +410,7 @@ class SoupBuilder:
             scores=self.scores,
             details=details or {},
             diagnostics=self.diagnostics,
+            task=self.task,
             **kwargs,
         )
 
@@ -481,7 +494,7 @@ class SoupBuilder:
             soup_state = {
                 name: (running_sum[name] + t) / k for name, t in candidate_tensors.items()
             }
-            model = load_model(best, _complete(soup_state, best))
+            model = load_model(best, _complete(soup_state, best), task=self.task)
             score, result = _score(evaluator, model, f"greedy soup + {candidate.name}", metric)
             gain = sign * (score - best_score)
             accepted = gain > min_gain if strict else gain >= min_gain
