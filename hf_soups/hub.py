@@ -18,6 +18,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from hf_soups.errors import IngredientNotFoundError
+from hf_soups.models.families.base import CONFIG_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 # fetched per layout: the safetensors of the checkpoint's family only (never tf_model.h5 nor
 # flax_model.msgpack, nor the other format of a repo holding two), its pickles only on opt-in.
 SMALL_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja"]
-CONFIG_PATTERNS = ["config.json", "open_clip_config.json"]
 SAFE_PATTERNS = ["*.safetensors", *SMALL_FILE_PATTERNS]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 
@@ -89,7 +89,7 @@ def resolve_source(
         )
 
     try:
-        configs = download(CONFIG_PATTERNS, revision)
+        configs = download(list(CONFIG_FILES), revision)
         folder = download(_weight_patterns(configs, weights_format, allow_pickle), revision)
     except (RepositoryNotFoundError, GatedRepoError) as error:
         raise IngredientNotFoundError(

@@ -300,11 +300,7 @@ class Ingredient:
                     "pass allow_pickle=True (loads with torch.load(weights_only=True))"
                 )
             pickled, tensors = _load_pickles(pickle_files)
-        config = {}
-        if family is not None:
-            config = (
-                files.config if family.weights_format == "transformers" else files.open_clip_config
-            )
+        config = family.config_of(files) if family is not None else {}
         metadata_file = path / INGREDIENT_METADATA_FILE
         metadata = _read_json(metadata_file) if metadata_file.is_file() else {}
         return cls(

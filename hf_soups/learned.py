@@ -23,7 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from hf_soups.ingredients import Ingredient
-from hf_soups.models import load_model, logits_of
+from hf_soups.models import ZeroShotTask, load_model, logits_of
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +55,21 @@ class LearnedCoefficients:
 
 
 def stack_ingredients(
-    ingredients: Sequence[Ingredient],
+    ingredients: Sequence[Ingredient], *, task: ZeroShotTask | None = None
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Load every ingredient and stack its floating tensors, keyed by in-memory names.
 
     Returns the first ingredient's model (the template the combination runs in) and
     ``name -> [N, *shape]`` float32 tensors.
     """
-    template = load_model(ingredients[0])
+    template = load_model(ingredients[0], task=task)
     stacked: dict[str, list[torch.Tensor]] = {
         name: [tensor.detach().float()]
         for name, tensor in template.state_dict().items()
         if tensor.is_floating_point()
     }
     for ingredient in ingredients[1:]:
-        state = load_model(ingredient).state_dict()
+        state = load_model(ingredient, task=task).state_dict()
         for name, tensors in stacked.items():
             tensors.append(state[name].detach().float())
     return template, {name: torch.stack(tensors) for name, tensors in stacked.items()}
@@ -97,11 +97,13 @@ def fit_mixing_coefficients(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    task: ZeroShotTask | None = None,
 ) -> LearnedCoefficients:
     """Fit mixing coefficients on held-out ``dataset`` (a ``datasets.Dataset`` or a torch
-    dataset of dicts with ``input_column`` and ``label_column``) by minimising cross-entropy."""
+    dataset of dicts with ``input_column`` and ``label_column``) by minimising cross-entropy.
+    ``task`` scores CLIP ingredients without a head (see :func:`hf_soups.models.load_model`)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    template, stacked = stack_ingredients(ingredients)
+    template, stacked = stack_ingredients(ingredients, task=task)
     template.to(device).eval()
     for parameter in template.parameters():
         parameter.requires_grad_(False)

@@ -124,7 +124,7 @@ class Soup:
             return load_model(self.ingredients[0], self.state_dict(), task=self.task)
         from hf_soups.learned import combine, stack_ingredients
 
-        model, stacked = stack_ingredients(self.ingredients)
+        model, stacked = stack_ingredients(self.ingredients, task=self.task)
         alpha = torch.tensor([self.tensor_weights[name] for name in stacked])
         model.load_state_dict(combine(stacked, alpha), strict=False)
         return model.eval()
@@ -335,6 +335,7 @@ class SoupBuilder:
         """
         from hf_soups.diagnostics import check_soupability
 
+        options.setdefault("task", self.task)
         self.diagnostics = check_soupability(
             self.ingredients, base=base, evaluator=evaluator, **options
         )
@@ -593,6 +594,7 @@ class SoupBuilder:
         """
         from hf_soups.learned import fit_mixing_coefficients
 
+        fit_kwargs.setdefault("task", self.task)
         fit = fit_mixing_coefficients(self.ingredients, dataset, by_layer=by_layer, **fit_kwargs)
         method = "learned_by_layer" if by_layer else "learned"
         return self._soup(

@@ -426,3 +426,109 @@ def test_dataset_classes_must_match_the_task_or_id2label(tmp_path, one_thread):
     assert evaluator(eval_set(pixel_values)).evaluate(load_model(vit)).n == 4
     plain = Dataset.from_dict({"pixel_values": pixel_values.numpy(), "labels": [0, 1, 2, 0]})
     assert evaluator(plain.with_format("torch")).evaluate(load_model(folder, task=task)).n == 4
+
+
+# --- the task reaches every place that scores ----------------------------------------------------
+
+
+def plain_clip_predictions(folder, pixel_values: torch.Tensor) -> list[int]:
+    """argmax of CLIP's logits_per_image with one prompt per class, from the plain CLIPModel."""
+    clip = CLIPModel.from_pretrained(folder).eval()
+    prompts = [TEMPLATE.format(c) for c in CLASSNAMES]
+    tokens = AutoTokenizer.from_pretrained(folder)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text = clip.get_text_features(**tokens).pooler_output
+        image = clip.get_image_features(pixel_values=pixel_values).pooler_output
+    return (unit(image) @ unit(text).T).argmax(-1).tolist()
+
+
+def test_soupability_check_and_learned_soup_score_clip_models_with_the_task(tmp_path, one_thread):
+    base = pretrained_clip_state()
+    folders = [openai_clip_repo(tmp_path / f"ft{i}", perturbed(base, i + 1, 0.1)) for i in range(2)]
+    task = ZeroShotTask(CLASSNAMES, templates=[TEMPLATE])
+    builder = SoupBuilder.from_pretrained([str(f) for f in folders], task=task)
+    processor = AutoImageProcessor.from_pretrained(folders[0])
+    pixel_values = processor(images(16), return_tensors="pt").pixel_values
+    dataset = eval_set(pixel_values)
+    labels = dataset[:]["labels"].tolist()
+
+    report = builder.check(evaluator(dataset), points=3, loss=False, progress=False)
+    (path,) = report.paths
+    for t, index in ((0, path.indices[0]), (-1, path.indices[1])):
+        predictions = plain_clip_predictions(folders[index], pixel_values)
+        expected = np.mean([p == y for p, y in zip(predictions, labels)])
+        assert path.scores[t] == pytest.approx(expected)
+
+    soup = builder.learned(dataset, epochs=1, batch_size=8, progress=False)
+    assert soup.task == task
+    folder = soup.save_pretrained(tmp_path / "learned", progress=False)
+    assert_matches_reference(load_weights(folder), weighted_reference(folders, soup.weights))
+    ours = evaluator(dataset).evaluate(soup.to_model())
+    assert ours.predictions.tolist() == plain_clip_predictions(folder, pixel_values)
+
+
+def test_yaml_soup_recipe_takes_a_zero_shot_task(tmp_path, one_thread):
+    import yaml
+
+    from hf_soups.commands.soup import parse_recipe, run_recipe
+    from hf_soups.patching.recipe import RecipeError
+
+    base = pretrained_clip_state()
+    for i in range(2):
+        openai_clip_repo(tmp_path / f"ft{i}", perturbed(base, i + 1, 0.1))
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "ft0")
+    pixel_values = processor(images(16), return_tensors="pt").pixel_values
+    dataset = eval_set(pixel_values)
+    dataset.save_to_disk(str(tmp_path / "test_data"))
+    recipe = {
+        "sources": ["ft0", "ft1"],
+        "method": "uniform",
+        "task": {"classnames": list(CLASSNAMES), "templates": [TEMPLATE]},
+        "eval_sets": {"test": {"dataset": "test_data"}},
+        "out": "soup",
+    }
+    file = tmp_path / "soup.yaml"
+    file.write_text(yaml.safe_dump({**recipe, "task": {"classnames": ["cat", "cat"]}}))
+    with pytest.raises(RecipeError, match="soup.yaml: task: classnames: 'cat' appears more"):
+        parse_recipe(file)
+    file.write_text(yaml.safe_dump(recipe))
+    soup = run_recipe(file)
+    assert soup.task == ZeroShotTask(CLASSNAMES, templates=[TEMPLATE])
+    folder = tmp_path / "soup"
+    assert json.loads((folder / "soup.json").read_text())["task"] == soup.task.to_dict()
+    predictions = plain_clip_predictions(folder, pixel_values)
+    labels = dataset[:]["labels"].tolist()
+    accuracy = np.mean([p == y for p, y in zip(predictions, labels)])
+    assert soup.scores["uniform soup"]["test"]["metrics"]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_wise_ft_sweeps_clip_model_endpoints_with_the_task(tmp_path, one_thread):
+    from hf_soups.patching import choose_wise_ft, wise_ft
+    from hf_soups.patching.sweep import TaskSpec
+
+    base = pretrained_clip_state()
+    zero_shot = openai_clip_repo(tmp_path / "zero_shot", base)
+    fine_tuned = openai_clip_repo(tmp_path / "fine_tuned", perturbed(base, 1, 0.3))
+    task = ZeroShotTask(CLASSNAMES, templates=[TEMPLATE])
+    processor = AutoImageProcessor.from_pretrained(zero_shot)
+    pixel_values = processor(images(16), return_tensors="pt").pixel_values
+    dataset = eval_set(pixel_values)
+    labels = dataset[:]["labels"].tolist()
+
+    result = choose_wise_ft(
+        zero_shot,
+        fine_tuned,
+        in_distribution={"id": TaskSpec(evaluator(dataset), task=task)},
+        alphas=[0.0, 0.5, 1.0],
+        progress=False,
+    )
+    for index, folder in ((0, zero_shot), (2, fine_tuned)):
+        predictions = plain_clip_predictions(folder, pixel_values)
+        assert result.sweep.results["id"][index].predictions.tolist() == predictions
+    middle = wise_ft(zero_shot, fine_tuned, 0.5, out_dir=tmp_path / "mid", progress=False)
+    in_memory = wise_ft(zero_shot, fine_tuned, 0.5, task=task)
+    with torch.no_grad():
+        predicted = in_memory(pixel_values=pixel_values).logits.argmax(-1).tolist()
+    assert predicted == plain_clip_predictions(middle, pixel_values)
+    assert result.sweep.results["id"][1].predictions.tolist() == predicted
+    assert 0 <= result.sweep.scores["id"][1] == np.mean([p == y for p, y in zip(predicted, labels)])

@@ -20,6 +20,11 @@ A soup recipe::
     greedy: {strict: true, min_gain: 0.0, noise_aware: false, max_size: null}
     learned: {epochs: 5, lr: 0.05, batch_size: 64}
     ensemble: true                   # also score the logit ensemble (N models in memory)
+    task:                            # CLIP ingredients without a head: a zero-shot task
+      classnames: [cat, dog]         # in the order of the datasets' label ids
+      templates: openai_imagenet     # a list with {}, or "default" / "openai_imagenet"
+      text_model: openai/clip-vit-base-patch32   # vision-only (CLIPVisionModel) ingredients
+    weights_format: transformers     # repos holding both formats: transformers | open_clip
     out: greedy-soup
     overwrite: false
     push_to_hub: {repo_id: me/greedy-soup, private: true}   # optional
@@ -31,6 +36,7 @@ need no ``held_out`` data; ``eval_sets`` still score them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import os
@@ -38,8 +44,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hf_soups.errors import HfSoupsError
 from hf_soups.methods import METHODS as MERGE_METHODS
 from hf_soups.methods import WeightedAverage
+from hf_soups.models.task import ZeroShotTask
 from hf_soups.patching.recipe import RecipeError, load_eval_set, read_recipe_file, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -60,6 +68,8 @@ _KEYS = {
     "out",
     "overwrite",
     "push_to_hub",
+    "task",
+    "weights_format",
 }
 
 
@@ -141,10 +151,23 @@ def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
         if not needs_base and raw.get("base") is not None:
             raise RecipeError(f"{file}: 'base': method {method!r} does not use a base model")
         _check_options(file, "parameters", _section(file, raw, "parameters"), MERGE_METHODS[method])
+    _task(file, raw)
     for key in ("greedy", "learned"):
         if raw.get(key) is not None and not method.startswith(key):
             raise RecipeError(f"{file}: '{key}' options are for method {key!r}, not {method!r}")
     return {**raw, "method": method}
+
+
+def _task(file: Path, raw: Mapping) -> ZeroShotTask | None:
+    if raw.get("task") is None:
+        return None
+    try:
+        task = ZeroShotTask.from_dict(raw["task"])
+    except HfSoupsError as error:
+        raise RecipeError(f"{file}: task: {error}") from None
+    if task.text_model is None:
+        return task
+    return dataclasses.replace(task, text_model=_source(task.text_model, file.parent))
 
 
 def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bool = False):
@@ -171,7 +194,9 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
     builder = SoupBuilder.from_pretrained(
         _source(sources, base)
         if isinstance(sources, str)
-        else [_source(str(source), base) for source in sources]
+        else [_source(str(source), base) for source in sources],
+        task=_task(file, raw),
+        weights_format=raw.get("weights_format"),
     )
     if method == "uniform":
         soup = builder.uniform()

@@ -31,7 +31,7 @@ from hf_soups.errors import InvalidWeightsError
 from hf_soups.ingredients import Ingredient, check_compatible
 from hf_soups.merge import RECIPE_FILE, IngredientLike, as_ingredients, merge, weighted_state_dict
 from hf_soups.methods.base import MergeMethod, TensorLoader
-from hf_soups.models import load_model
+from hf_soups.models import ZeroShotTask, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def wise_ft(
     dtype: torch.dtype | None = None,
     recipe: dict | None = None,
     progress: bool = True,
+    task: ZeroShotTask | None = None,
     **merge_kwargs,
 ) -> nn.Module | Path:
     """Interpolate a zero-shot and a fine-tuned model (WiSE-FT, PAINT).
@@ -151,6 +152,8 @@ def wise_ft(
         dtype: dtype of the floating tensors (default: the zero-shot model's).
         recipe: extra fields for ``soup.json``.
         progress: show a progress bar while writing.
+        task: class names and templates for the in-memory model of CLIP layouts without a head
+            (see :func:`hf_soups.models.load_model`).
         **merge_kwargs: passed to :func:`~hf_soups.merge.merge` (``overwrite``,
             ``max_shard_size``, ``allow_non_finite``) or, in memory, to
             :func:`~hf_soups.merge.weighted_state_dict` (``allow_non_finite``).
@@ -165,7 +168,7 @@ def wise_ft(
     method = Interpolation(alpha)
     if out_dir is None:
         state_dict = weighted_state_dict(ingredients, method=method, dtype=dtype, **merge_kwargs)
-        return load_model(ingredients[0].path, state_dict=state_dict)
+        return load_model(ingredients[0], state_dict=state_dict, task=task)
     record = endpoint_records(*ingredients)
     record.update(recipe or {})
     return merge(

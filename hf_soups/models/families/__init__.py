@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hf_soups.errors import CorruptedCheckpointError, WeightsFormatError
 from hf_soups.models.families.base import (
+    CONFIG_FILES,
     OPEN_CLIP_CONFIG,
     TRANSFORMERS_CONFIG,
     CardMetadata,
@@ -29,6 +30,7 @@ from hf_soups.models.families.open_clip import HfSoupsOpenCLIPClassifierFamily, 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CONFIG_FILES",
     "DEFAULT_WEIGHTS_FORMAT",
     "FAMILIES",
     "WEIGHTS_FORMATS",
@@ -38,6 +40,7 @@ __all__ = [
     "detect_family",
     "family_of",
     "get_family",
+    "is_checkpoint",
 ]
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -127,3 +130,9 @@ def detect_family(folder: str | os.PathLike, *, weights_format: str | None = Non
             "(open_clip)"
         )
     return family
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a checkpoint folder of some family (it has a config file)."""
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / name).is_file() for name in CONFIG_FILES)

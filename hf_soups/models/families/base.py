@@ -24,6 +24,7 @@ from hf_soups.errors import CorruptedCheckpointError
 from hf_soups.models.task import ZeroShotTask
 
 __all__ = [
+    "CONFIG_FILES",
     "OPEN_CLIP_CONFIG",
     "TRANSFORMERS_CONFIG",
     "CardMetadata",
@@ -34,6 +35,7 @@ __all__ = [
 
 TRANSFORMERS_CONFIG = "config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
+CONFIG_FILES = (TRANSFORMERS_CONFIG, OPEN_CLIP_CONFIG)
 
 
 def _read_json_object(file: Path) -> dict[str, Any]:
@@ -68,7 +70,7 @@ class CheckpointFiles:
         names = frozenset(p.name for p in folder.iterdir() if p.is_file())
         configs = {
             name: _read_json_object(folder / name) if name in names else None
-            for name in (TRANSFORMERS_CONFIG, OPEN_CLIP_CONFIG)
+            for name in CONFIG_FILES
         }
         return cls(folder, names, configs[TRANSFORMERS_CONFIG], configs[OPEN_CLIP_CONFIG])
 
@@ -165,6 +167,18 @@ class ModelFamily(ABC):
     def weight_patterns(self) -> tuple[str, ...]:
         """File-name globs of this family's safetensors weights (and shard indexes)."""
         return tuple(p for group in self.weight_groups for p in group_patterns(group))
+
+    def config_of(self, files: CheckpointFiles) -> dict[str, Any]:
+        """This family's config of a folder (``config.json`` or ``open_clip_config.json``)."""
+        config = files.config if self.config_file == TRANSFORMERS_CONFIG else files.open_clip_config
+        return config or {}
+
+    def load_tokenizer(self, folder: str | os.PathLike) -> Any:
+        """The tokenizer saved with the model (transformers' ``AutoTokenizer``; open_clip
+        families override it)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
 
     def foreign_files(self) -> tuple[str, ...]:
         """Config files of the other weights format, not copied into merged folders: a merge

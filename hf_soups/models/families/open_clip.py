@@ -46,8 +46,6 @@ class OpenCLIPFamily(ModelFamily):
     ) -> nn.Module:
         """The open_clip model with a head from its own text tower, or the bare open_clip model
         when no task is given (and the folder holds no hf_soups head)."""
-        import open_clip
-
         from hf_soups.models.labels import check_task_matches
         from hf_soups.models.open_clip import OpenCLIPZeroShotClassifier, load_open_clip
 
@@ -62,12 +60,17 @@ class OpenCLIPFamily(ModelFamily):
         config = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
         return OpenCLIPZeroShotClassifier.from_open_clip(
             model,
-            open_clip.get_tokenizer(f"local-dir:{folder}"),
+            self.load_tokenizer(folder),
             task.classnames,
             task.templates,
             model_cfg=config["model_cfg"],
             progress=False,
         ).eval()
+
+    def load_tokenizer(self, folder: str | os.PathLike) -> Any:
+        import open_clip
+
+        return open_clip.get_tokenizer(f"local-dir:{Path(folder)}")
 
     def architecture_key(self, config: Mapping[str, Any]) -> tuple:
         return ("open_clip", json.dumps(config.get("model_cfg"), sort_keys=True))
