@@ -34,6 +34,7 @@ _LAZY = {
     "Soup": "hf_soups.soup",
     "SoupBuilder": "hf_soups.builder",
     "load_model": "hf_soups.models",
+    "ZeroShotTask": "hf_soups.models",
     "wise_ft": "hf_soups.patching",
     "choose_wise_ft": "hf_soups.patching",
     "patch": "hf_soups.patching",
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
     from hf_soups.ingredients import Ingredient, check_compatible
     from hf_soups.merge import merge, weighted_state_dict
-    from hf_soups.models import load_model
+    from hf_soups.models import ZeroShotTask, load_model
     from hf_soups.patching import choose_wise_ft, patch, sweep, wise_ft
     from hf_soups.soup import Soup
     from hf_soups.stats import holm_adjust, paired_comparison
@@ -83,6 +84,7 @@ __all__ = [
     "Soup",
     "SoupBuilder",
     "as_scorer",
+    "ZeroShotTask",
     "check_compatible",
     "choose_wise_ft",
     "load_model",

@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,10 +40,12 @@ from hf_soups.safetensors_io import (  # noqa: F401 - re-exported: they were def
     read_tensor,
 )
 
+if TYPE_CHECKING:
+    from hf_soups.models.families import ModelFamily
+
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-CONFIG_FILES = ("config.json", "open_clip_config.json")
 INGREDIENT_METADATA_FILE = "ingredient.json"
 
 
@@ -86,8 +90,9 @@ def _shard_file(
     return shard
 
 
-def index_folder(folder: Path) -> dict[str, TensorInfo]:
-    """Index every safetensors weights file at the top of ``folder``.
+def index_folder(folder: Path, groups: Collection[str] | None = None) -> dict[str, TensorInfo]:
+    """Index every safetensors weights file at the top of ``folder`` (only those of the weight
+    `groups` when given: a repo holding two formats is read in one).
 
     ``*.safetensors.index.json`` files are honoured: every tensor they list must be in the file
     they name, a file inside the folder, and every tensor of that file must be listed. Files that no index mentions are indexed on their own
@@ -103,6 +108,8 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
     indexed_files: set[Path] = set()
     for index_file in sorted(folder.glob("*.safetensors.index.json")):
         group = index_file.name.removesuffix(".safetensors.index.json")
+        if groups is not None and group not in groups:
+            continue
         headers: dict[str, dict[str, TensorInfo]] = {}
         weight_map = _read_weight_map(index_file, roots)
         for name, file_name in weight_map.items():
@@ -123,7 +130,9 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
                     "index does not list there"
                 )
     for file in sorted(folder.glob("*.safetensors")):
-        if file in indexed_files:
+        if file in indexed_files or (
+            groups is not None and _weights_group(file.name) not in groups
+        ):
             continue
         if not resolves_inside(file, roots):
             raise CorruptedCheckpointError(
@@ -154,6 +163,8 @@ class Ingredient:
     tensors: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
     config: dict = field(default_factory=dict, repr=False)
     metadata: dict = field(default_factory=dict, repr=False)
+    family: ModelFamily | None = field(default=None, repr=False)
+    """The model family (layout) read from the folder; None for a folder without config."""
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
@@ -166,13 +177,17 @@ class Ingredient:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         allow_pickle: bool = False,
+        weights_format: str | None = None,
     ) -> Ingredient:
         """Resolve ``source`` (local folder, or Hub ``org/name[@revision]``) and index it.
 
         Hub sources go through ``huggingface_hub.snapshot_download`` (cache and offline mode
-        honoured) and fetch only safetensors weights and small config/processor files.
-        Pickle checkpoints (``.bin``/``.pt``) are refused unless ``allow_pickle=True``, and are
-        then loaded with ``torch.load(weights_only=True)``.
+        honoured) and fetch only the small config/processor files and the weights of the
+        checkpoint's family, in safetensors (``tf_model.h5``, ``flax_model.msgpack`` are never
+        fetched). Pickle checkpoints (``.bin``/``.pt``) are refused unless ``allow_pickle=True``,
+        and are then loaded with ``torch.load(weights_only=True)``. ``weights_format``
+        (``"transformers"`` or ``"open_clip"``) chooses the format of repos that hold both (the
+        laion CLIP repos); the default is transformers, logged once.
         """
         from hf_soups.hub import resolve_source
 
@@ -183,9 +198,14 @@ class Ingredient:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             allow_pickle=allow_pickle,
+            weights_format=weights_format,
         )
         return cls.from_folder(
-            path, source=str(source), revision=resolved_revision, allow_pickle=allow_pickle
+            path,
+            source=str(source),
+            revision=resolved_revision,
+            allow_pickle=allow_pickle,
+            weights_format=weights_format,
         )
 
     @classmethod
@@ -196,13 +216,27 @@ class Ingredient:
         source: str | None = None,
         revision: str | None = None,
         allow_pickle: bool = False,
+        weights_format: str | None = None,
     ) -> Ingredient:
-        """Index a local folder that is already on disk."""
+        """Index a local folder that is already on disk (``weights_format``: as in
+        :meth:`from_source`)."""
+        from hf_soups.models.families import CheckpointFiles, family_of
+
         path = Path(path)
-        tensors = index_folder(path)
+        files = CheckpointFiles.read(path)
+        family = family_of(files, weights_format)
+        # Only a repo holding two formats is narrowed to its family's files; elsewhere every
+        # weights file belongs to the one checkpoint (and a stray one is an error, not skipped).
+        narrowed = files.holds_both_formats and family is not None
+        tensors = index_folder(path, family.weight_groups if narrowed else None)
         pickled = None
         if not tensors:
-            pickle_files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            pickle_files = sorted(
+                path / name
+                for name in files.names
+                if name.endswith(PICKLE_SUFFIXES)
+                and (not narrowed or any(fnmatch(name, p) for p in family.pickle_files))
+            )
             if not pickle_files:
                 raise CorruptedCheckpointError(f"{path}: no safetensors weights found")
             if not allow_pickle:
@@ -212,11 +246,7 @@ class Ingredient:
                     "pass allow_pickle=True (loads with torch.load(weights_only=True))"
                 )
             pickled, tensors = _load_pickles(pickle_files)
-        config = {}
-        for config_name in CONFIG_FILES:
-            if (path / config_name).is_file():
-                config = _read_json(path / config_name)
-                break
+        config = family.config_of(files) if family is not None else {}
         metadata_file = path / INGREDIENT_METADATA_FILE
         metadata = _read_json(metadata_file) if metadata_file.is_file() else {}
         return cls(
@@ -226,8 +256,19 @@ class Ingredient:
             tensors=tensors,
             config=config,
             metadata=metadata,
+            family=family,
             _pickled=pickled,
         )
+
+    @property
+    def foreign_files(self) -> tuple[str, ...]:
+        """Files of a format this ingredient was not read in (see ``weights_format``)."""
+        return self.family.foreign_files() if self.family is not None else ()
+
+    @property
+    def pickled(self) -> bool:
+        """Whether the weights were read from pickle files (behind ``allow_pickle``)."""
+        return self._pickled is not None
 
     @property
     def name(self) -> str:
@@ -290,10 +331,9 @@ def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def _architecture(ingredient: Ingredient) -> tuple:
-    config = ingredient.config
-    if "model_cfg" in config:  # open_clip
-        return ("open_clip", json.dumps(config["model_cfg"], sort_keys=True))
-    return (config.get("model_type"), tuple(config.get("architectures") or ()))
+    if ingredient.family is None:
+        return (None,)
+    return ingredient.family.architecture_key(ingredient.config)
 
 
 def check_compatible(ingredients: Iterable[Ingredient]) -> None:
@@ -314,8 +354,8 @@ def check_compatible(ingredients: Iterable[Ingredient]) -> None:
         architecture = _architecture(other)
         if architecture != reference_architecture:
             raise IncompatibleIngredientsError(
-                f"{other.name} has architecture {architecture[:2]} but {reference.name} has "
-                f"{reference_architecture[:2]}"
+                f"{other.name} has architecture {architecture[:3]} but {reference.name} has "
+                f"{reference_architecture[:3]}"
             )
         missing = reference.tensors.keys() - other.tensors.keys()
         if missing:

@@ -292,9 +292,12 @@ def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
     return (dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
 
 
-def copy_extra_files(source: Path, destination: Path, *, keep_existing: bool = False) -> None:
+def copy_extra_files(
+    source: Path, destination: Path, *, keep_existing: bool = False, exclude: Sequence[str] = ()
+) -> None:
     """Copy the config, processor and tokenizer files of :data:`COPIED_FILES` found in
-    ``source``; with ``keep_existing``, files already in ``destination`` are left as they are.
+    ``source``, but the ``exclude`` names (the other format's config, for a repo holding two);
+    with ``keep_existing``, files already in ``destination`` are left as they are.
 
     What is copied is a regular file's content, never a link: a file that resolves outside
     ``source`` (or, for a Hub cache snapshot, its blob store) or is not a regular file is skipped
@@ -303,7 +306,7 @@ def copy_extra_files(source: Path, destination: Path, *, keep_existing: bool = F
     roots = readable_roots(source)
     for name in sorted(COPIED_FILES):
         file, target = source / name, destination / name
-        if not os.path.lexists(file) or (keep_existing and target.exists()):
+        if name in exclude or not os.path.lexists(file) or (keep_existing and target.exists()):
             continue
         if not resolves_inside(file, roots):
             logger.warning("Not copying %s: a symlink that resolves outside %s", file, source)
@@ -384,7 +387,7 @@ def merge(
             del shard
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copy_extra_files(template.path, work_dir)
+        copy_extra_files(template.path, work_dir, exclude=template.foreign_files)
         if recipe is None:
             recipe = build_recipe(ingredients, method, base, dtype)
         else:

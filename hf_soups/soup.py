@@ -29,7 +29,7 @@ from hf_soups.merge import (
     weighted_state_dict,
 )
 from hf_soups.methods.base import MergeMethod, check_method_inputs
-from hf_soups.models import load_model
+from hf_soups.models import ZeroShotTask, load_model
 from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import Recipe, SoupRecord, score_table
 
@@ -64,6 +64,8 @@ class Soup:
     scores: dict[str, dict[str, dict]] = field(default_factory=dict)
     base: Ingredient | None = None
     diagnostics: DiagnosticsReport | None = field(default=None, repr=False)
+    task: ZeroShotTask | None = None
+    """Class names and templates that score CLIP ingredients without a head."""
     tensor_weights: dict[str, list[float]] | None = field(default=None, repr=False)
     """Learned-by-layer soups: the fitted weights keyed by in-memory parameter names."""
 
@@ -93,6 +95,7 @@ class Soup:
             fields.pop("dtype", None),
             soup=self.record,
             scores=score_table(self.scores),
+            task=self.task.to_dict() if self.task is not None else None,
             **fields,
         )
 
@@ -102,7 +105,7 @@ class Soup:
 
     def to_model(self) -> nn.Module:
         """The soup as an in-memory model, in eval mode."""
-        return load_model(self.ingredients[0], self.state_dict())
+        return load_model(self.ingredients[0], self.state_dict(), task=self.task)
 
     def evaluate(self, evaluators: Mapping[str, Evaluator]) -> dict[str, EvalResult]:
         """Score the soup on named eval sets; the scores are recorded in ``self.scores``."""

@@ -257,10 +257,9 @@ class WiSEFTCallback(TrainerCallback):
                 record_file.parent,
                 default,
             )
-        if (
-            not (folder / "config.json").is_file()
-            and not (folder / "open_clip_config.json").is_file()
-        ):
+        from hf_soups.models.families import is_checkpoint
+
+        if not is_checkpoint(folder):
             raise HfSoupsError(
                 f"WiSE-FT: resuming at step {step}, but the weights training started from are "
                 f"not in {folder}; they cannot be recovered from the checkpoint. Set "

@@ -37,4 +37,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from hf_soups.soup_recipe import run_recipe
 
-    run_recipe(args.recipe, out=args.out, overwrite=args.overwrite)
+    soup = run_recipe(args.recipe, out=args.out, overwrite=args.overwrite)
+    print(soup.report())

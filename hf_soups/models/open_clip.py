@@ -145,6 +145,11 @@ class OpenCLIPZeroShotClassifier(nn.Module):
         return self.classifier.weight.device
 
     @property
+    def label_names(self) -> list[str]:
+        """Class names in logit order."""
+        return [self.id2label[i] for i in range(len(self.id2label))]
+
+    @property
     def num_labels(self) -> int:
         return len(self.id2label)
 
@@ -283,7 +288,7 @@ def load_open_clip(
     if state_dict is None:
         from hf_soups.ingredients import Ingredient
 
-        ingredient = Ingredient.from_folder(folder)
+        ingredient = Ingredient.from_folder(folder, weights_format="open_clip")
         files = {info.file.name for info in ingredient.tensors.values()}
         head = ingredient.read(CLASSIFIER_KEY) if CLASSIFIER_KEY in ingredient.tensors else None
         if MODEL_FILE in files and files <= {MODEL_FILE, CLASSIFIER_FILE}:

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CONFIG_FILE",
     "UnsupportedArchitectureError",
+    "load_pretrained",
     "load_transformers_model",
     "resolve_architecture",
 ]
@@ -113,9 +114,23 @@ def load_transformers_model(
     *,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Load the transformers model of ``folder``, optionally with other weights.
+    """Load the transformers model of ``folder`` (the class its config names), optionally with
+    other weights; see :func:`load_pretrained`."""
+    cls = resolve_architecture(folder, trust_remote_code=trust_remote_code)
+    return load_pretrained(cls, folder, state_dict, trust_remote_code=trust_remote_code)
+
+
+def load_pretrained(
+    cls: type[PreTrainedModel],
+    folder: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load ``cls`` from ``folder`` in eval mode, optionally with other weights.
 
     Args:
+        cls: the transformers model class.
         folder: a transformers model folder (``config.json`` + safetensors weights).
         state_dict: weights keyed as in the safetensors files (as merged by hf_soups), used
             instead of the folder's. They go through transformers' loading, which renames on-disk
@@ -127,7 +142,6 @@ def load_transformers_model(
         CorruptedCheckpointError: `state_dict` lacks tensors the model needs or has extra ones.
     """
     folder = Path(folder)
-    cls = resolve_architecture(folder, trust_remote_code=trust_remote_code)
     if state_dict is None:
         # use_safetensors=True: never unpickle a checkpoint's weights.
         return cls.from_pretrained(

@@ -146,14 +146,9 @@ def resolve_path(value: str, base: Path) -> str:
 def default_tokenizer(model_folder: str | os.PathLike) -> Any:
     """The tokenizer saved with a model: open_clip's for an open_clip folder, else a
     transformers tokenizer (``AutoTokenizer``)."""
-    folder = Path(model_folder)
-    if (folder / "open_clip_config.json").is_file():
-        import open_clip
+    from hf_soups.models.families import detect_family
 
-        return open_clip.get_tokenizer(f"local-dir:{folder}")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
+    return detect_family(model_folder).load_tokenizer(model_folder)
 
 
 def _load_dataset(file: Path, name: str, spec: Mapping[str, Any], base: Path):
