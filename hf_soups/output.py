@@ -84,16 +84,21 @@ def check_not_an_input(target: str | os.PathLike, inputs: Iterable[str | os.Path
         OutputOverlapsInputError: naming the output and what it touches.
     """
     output = Path(target).resolve()
-    protected = [(Path(source), "input") for source in inputs if Path(source).exists()]
+    local = [Path(source).expanduser() for source in inputs]
+    protected = [(folder, "input") for folder in local if folder.exists()]
     protected += [(_hub_cache(), "the Hub cache"), (Path.cwd(), "the current folder")]
     for folder, what in protected:
         relation = _overlap(output, folder.resolve())
         if relation is None or (relation == "lies inside" and what == "the current folder"):
             continue
         culprit = what if what != "input" else f"the input {folder}"
+        why = (
+            "replacing it would pull the folder out from under this process"
+            if what == "the current folder"
+            else "inputs are never written to, even with overwrite"
+        )
         raise OutputOverlapsInputError(
-            f"{target}: the output {relation} {culprit}; inputs are never written to, even "
-            "with overwrite; choose another folder"
+            f"{target}: the output {relation} {culprit}; {why}; choose another folder"
         )
 
 

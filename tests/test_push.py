@@ -525,3 +525,21 @@ def test_the_old_import_path_is_the_hub_package():
 
     assert hf_soups.push.push_folder is hf_soups.hub.push_folder is push_folder
     assert hf_soups.push.HubPushError is hf_soups.hub.HubPushError is HubPushError
+
+
+def test_a_symlink_out_of_the_folder_is_refused(hub, tmp_path):
+    folder = make_model_folder(tmp_path)
+    secret = tmp_path / "private.txt"
+    secret.write_text("not for the Hub\n")
+    (folder / "notes.txt").symlink_to(secret)
+    before = folder_state(folder)
+    with pytest.raises(HubPushError, match="notes.txt link"):
+        push_folder(folder, "acme/leak", token=TOKEN)
+    assert not hub.requests and folder_state(folder) == before
+
+    # A link within the folder publishes a file that is in the folder anyway.
+    (folder / "notes.txt").unlink()
+    (folder / "notes.txt").symlink_to(folder / "extra" / "notes.txt")
+    push_folder(folder, "acme/fine", token=TOKEN)
+    (made,) = hub.commits
+    assert made["files"]["notes.txt"] == b"trained on 2 cores\n"

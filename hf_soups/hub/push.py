@@ -67,10 +67,20 @@ def _resolve_token(token: str | bool | None) -> str | None:
 
 
 def _folder_files(folder: Path) -> list[str]:
+    """The files to upload; a symlink leading out of the folder is refused, as it would
+    publish whatever it points to."""
     paths = sorted(
         path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
     )
-    return list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    files = list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    root = folder.resolve()
+    outside = [name for name in files if root not in (folder / name).resolve().parents]
+    if outside:
+        raise HubPushError(
+            f"{folder}: refusing to push, {', '.join(outside)} link(s) to files outside the "
+            "folder; copy what should be published into it"
+        )
+    return files
 
 
 def _contains(file: Path, needle: bytes) -> bool:
