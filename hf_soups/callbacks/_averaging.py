@@ -334,6 +334,7 @@ class WeightAveragingCallback(TrainerCallback):
         self._warned_partial_eval = False
         self._loaded_from: tuple[Path, int] | None = None
         self._pending_state: tuple[dict, Path | None] | None = None
+        self._scale_before_step: float | None = None
 
     # ---- what subclasses define -------------------------------------------------------------
 
@@ -394,12 +395,18 @@ class WeightAveragingCallback(TrainerCallback):
         else:
             self._pending_state = None
 
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scaler = getattr(optimizer, "scaler", None)
+        self._scale_before_step = (
+            scaler.get_scale()
+            if not self.averages_skipped_steps and scaler is not None and scaler.is_enabled()
+            else None
+        )
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # The Trainer increments global_step after this event: this is optimizer step global_step+1.
         step = state.global_step + 1
-        # The Trainer asks the accelerator only after this event whether the step was skipped,
-        # but the accelerator reads it from the optimizer, which knows it as soon as it stepped.
-        if not self.averages_skipped_steps and getattr(optimizer, "step_was_skipped", False):
+        if not self.averages_skipped_steps and self._step_was_skipped(optimizer):
             logger.debug(
                 "%s: optimizer step %d was skipped (non-finite gradients); not averaged",
                 type(self).__name__,
@@ -407,6 +414,21 @@ class WeightAveragingCallback(TrainerCallback):
             )
             return
         self._update(step, state)
+
+    def _step_was_skipped(self, optimizer: Any) -> bool:
+        """Whether mixed precision skipped the optimizer step that just ran.
+
+        accelerate's ``step_was_skipped`` (what the Trainer asks, after this event) infers a skip
+        from the wrapped optimizer's ``step`` not being called. A GradScaler calls it anyway for
+        an optimizer that handles scaling itself (fused AdamW, the Trainer's default), which
+        then skips the update inside, so the flag stays False. A skip always makes the scaler
+        back off its scale, which the scaler reports whatever the optimizer.
+        """
+        if getattr(optimizer, "step_was_skipped", False):
+            return True
+        if self._scale_before_step is None:
+            return False
+        return optimizer.scaler.get_scale() < self._scale_before_step
 
     # The Trainer has no event before an evaluation: DefaultFlowCallback (which runs first) sets
     # `should_evaluate` in on_step_end/on_epoch_end, and the evaluation follows right after.
