@@ -337,3 +337,61 @@ def test_ingredient_metrics_describe_the_saved_weights(
             else "SWACallback's average of 5 weight sets at step 6"
         )
         assert "metrics_of_other_weights" in caplog.text
+
+
+def test_wise_ft_after_an_average_interpolates_from_it(tmp_path):
+    model = tiny_vit()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    swa = SWACallback(swa_start=2)
+    wise_ft = WiSEFTCallback({"constant": lambda scored: 0.0}, alphas=[0.5])
+    ingredient = IngredientCallback(sweep_dir=tmp_path / "sweep", name="run")
+    trainer = _trainer(tmp_path / "run", [swa, wise_ft, ingredient], model=model)
+    trainer.train_dataset = RandomImages(16)
+    trainer.train()
+
+    # By hand: half the starting weights plus half SWA's average of steps 2, 3 and 4.
+    average = swa.averaged_state_dict()
+    expected = {k: 0.5 * start[k].double() + 0.5 * average[k].double() for k in average}
+    live = {k: v.detach() for k, v in model.state_dict().items() if k in expected}
+    assert max_difference(live, expected) < 1e-6
+    record = json.loads((tmp_path / "sweep" / "run" / "ingredient.json").read_text())
+    assert record["weights"] == (
+        "WiSE-FT interpolation at alpha=0.5 between the starting weights and the "
+        "SWACallback's average of 3 weight sets at step 4"
+    )
+
+
+def test_ingredient_metrics_of_several_eval_sets_half_on_the_average_are_set_aside(tmp_path):
+    # Only the first eval dataset is evaluated on the swapped-in average (the Trainer fires one
+    # on_evaluate per dataset): the metrics logged at the step mix two sets of weights.
+    swa = SWACallback(swa_start=2, evaluate_with_average=True)
+    ingredient = IngredientCallback(sweep_dir=tmp_path / "sweep", name="run")
+    sets = {"a": RandomImages(8, seed=3), "b": RandomImages(8, seed=4)}
+    trainer = Trainer(
+        model=tiny_vit(),
+        args=make_args(
+            tmp_path / "run",
+            max_steps=6,
+            learning_rate=3e-2,
+            eval_strategy="steps",
+            eval_steps=6,
+            per_device_eval_batch_size=4,
+        ),
+        train_dataset=RandomImages(24),
+        eval_dataset=sets,
+        callbacks=[swa, ingredient],
+    )
+    trainer.train()
+    folder = tmp_path / "sweep" / "run"
+    record = json.loads((folder / "ingredient.json").read_text())
+    logged = trainer.state.log_history
+    logged_a = next(e["eval_a_loss"] for e in logged if "eval_a_loss" in e)
+    logged_b = next(e["eval_b_loss"] for e in logged if "eval_b_loss" in e)
+    # By hand: set a was scored on the saved average, set b on other weights.
+    assert logged_a == pytest.approx(eval_loss_by_hand(folder, sets["a"]), rel=1e-5)
+    assert abs(logged_b - eval_loss_by_hand(folder, sets["b"])) > 1e-4
+    assert record["metrics"] == {} and record["metrics_step"] is None
+    assert record["metrics_of_other_weights"]["weights"] == (
+        "SWACallback's average of 5 weight sets on the first eval dataset, training weights "
+        "on the others at step 6"
+    )
