@@ -102,7 +102,8 @@ def test_ema_share_of_the_first_weights_after_n_steps(
     for update in range(marked + 1, steps + 1):
         by_hand *= timm_v3_decay(update, **schedule)
     # Every entry of the average is the share of the marked step's weights.
-    assert torch.allclose(held.double(), torch.full_like(held, by_hand).double(), rtol=1e-4)
+    expected = torch.full_like(held, by_hand, dtype=torch.float64)
+    assert torch.allclose(held.double(), expected, rtol=1e-4, atol=0.0)
     assert ema.first_weights_share(steps) == pytest.approx(by_hand, rel=1e-9)
     warnings = [r for r in caplog.records if "EMACallback" in r.getMessage()]
     if warns:
