@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
-from hf_soups.callbacks._averaging import (
+from hf_soups.callbacks._ledger import Weights, weights_ledger
+from hf_soups.callbacks._trainer_io import (
     checkpoint_dir,
     distributed_world_size,
     save_model_folder,
     wait_for_everyone,
     write_json_atomic,
 )
-from hf_soups.callbacks._ledger import Weights, weights_ledger
 from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
 from hf_soups.output import check_output_dir
 
