@@ -25,7 +25,7 @@ _LAZY = {
     "Evaluator": "hf_soups.evaluation",
     "EvalResult": "hf_soups.evaluation",
     "Soup": "hf_soups.soup",
-    "SoupBuilder": "hf_soups.soup",
+    "SoupBuilder": "hf_soups.builder",
     "load_model": "hf_soups.models",
     "wise_ft": "hf_soups.patching",
     "choose_wise_ft": "hf_soups.patching",
@@ -35,12 +35,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from hf_soups.builder import SoupBuilder
     from hf_soups.evaluation import EvalResult, Evaluator
     from hf_soups.ingredients import Ingredient, check_compatible
     from hf_soups.merge import merge, weighted_state_dict
     from hf_soups.models import load_model
     from hf_soups.patching import choose_wise_ft, patch, sweep, wise_ft
-    from hf_soups.soup import Soup, SoupBuilder
+    from hf_soups.soup import Soup
     from hf_soups.stats import paired_comparison
 
 

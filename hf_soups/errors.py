@@ -38,3 +38,11 @@ class OutputExistsError(HfSoupsError, FileExistsError):
 
 class MissingBaseError(HfSoupsError, ValueError):
     """A merge method needs a base (pre-trained) model and none was given."""
+
+
+class RecipeError(HfSoupsError, ValueError):
+    """A recipe (YAML or ``soup.json``) is malformed: unknown keys, wrong types, bad values."""
+
+
+class CallbackConflictError(HfSoupsError, ValueError):
+    """Two Trainer callbacks would undo each other (both load their weights at the end)."""

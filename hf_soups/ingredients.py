@@ -30,6 +30,7 @@ from hf_soups.errors import (
     IncompatibleIngredientsError,
     UnsafeCheckpointError,
 )
+from hf_soups.recipe.schema import Source
 from hf_soups.safetensors_io import (  # noqa: F401 - re-exported: they were defined here
     SAFETENSORS_DTYPES,
     TensorInfo,
@@ -249,9 +250,9 @@ class Ingredient:
         """Every tensor, keyed as on disk. Reads the whole checkpoint into memory."""
         return {name: self.read(name) for name in self.tensors}
 
-    def record(self) -> dict:
+    def record(self) -> Source:
         """What a recipe stores about this ingredient to reproduce a merge."""
-        return {"source": self.source, "revision": self.revision}
+        return Source(source=self.source, revision=self.revision)
 
 
 def _read_json(file: Path) -> dict:

@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -26,20 +25,25 @@ from hf_soups.checkpoint_files import open_regular, readable_roots, resolves_ins
 from hf_soups.errors import (
     CorruptedCheckpointError,
     IncompatibleIngredientsError,
-    MissingBaseError,
     NonFiniteWeightsError,
+    RecipeError,
 )
 from hf_soups.ingredients import (
     Ingredient,
     TensorInfo,
     check_compatible,
 )
-from hf_soups.methods.base import MergeMethod, TensorLoader, WeightedAverage
+from hf_soups.methods.base import (
+    MergeMethod,
+    TensorLoader,
+    WeightedAverage,
+    check_method_inputs,
+)
 from hf_soups.output import atomic_output_dir
+from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
-RECIPE_FILE = "soup.json"
 COPIED_FILES = frozenset(
     {
         # configs
@@ -187,9 +191,7 @@ def _prepare(
         )
     elif weights is not None:
         raise ValueError("weights: give either weights or a method, not both")
-    method.check(len(ingredients))
-    if method.needs_base and base is None:
-        raise MissingBaseError(f"method {method.name!r} needs a base model (base=...)")
+    check_method_inputs(method, len(ingredients), base is not None)
     base = as_ingredients([base])[0] if base is not None else None
     check_compatible([*ingredients, *([base] if base else [])])
     return ingredients, method, base
@@ -228,6 +230,30 @@ def weighted_state_dict(
             allow_non_finite=allow_non_finite,
         )
     )
+
+
+def float_state(ingredient: Ingredient) -> dict[str, torch.Tensor]:
+    """The ingredient's floating tensors in float32, read with the engine's loaders (running
+    sums, such as the greedy soup's, accumulate these)."""
+    return {
+        name: _loader(ingredient, name)()
+        for name in _ordered_names(ingredient)
+        if ingredient.tensors[name].dtype.is_floating_point
+    }
+
+
+def complete_state_dict(
+    float_tensors: dict[str, torch.Tensor], template: Ingredient, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """A full state dict, keyed as on disk, from merged float32 tensors: cast by the engine's
+    dtype rule, with the template's non-floating buffers."""
+    return {
+        name: float_tensors[name].to(_cast_dtype(info, dtype))
+        if info.dtype.is_floating_point
+        else template.read(name)
+        for name, info in template.tensors.items()
+    }
+
 
 
 def plan_shards(
@@ -302,7 +328,7 @@ def merge(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-    recipe: dict | None = None,
+    recipe: Recipe | None = None,
     allow_non_finite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -319,7 +345,9 @@ def merge(
         dtype: output dtype of floating tensors (default: the first ingredient's).
         max_shard_size: shard size limit, as in ``save_pretrained`` (``"5GB"``, ``200_000_000``).
         overwrite: replace an existing non-empty ``out_dir`` once the new one is complete.
-        recipe: extra fields recorded in ``soup.json`` (scores, soup method, ...).
+        recipe: the :class:`~hf_soups.recipe.Recipe` to write as ``soup.json`` (a soup's, with
+            its scores and selection); by default the plain record of this merge. Its merge
+            fields must describe this merge.
         allow_non_finite: warn instead of failing on NaN or infinite weights.
         progress: show a progress bar.
 
@@ -354,9 +382,11 @@ def merge(
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copy_extra_files(template.path, work_dir)
-        record = build_recipe(ingredients, method, base, dtype)
-        record.update(recipe or {})
-        (work_dir / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if recipe is None:
+            recipe = build_recipe(ingredients, method, base, dtype)
+        else:
+            _check_describes(recipe, method, dtype)
+        recipe.save(work_dir)
     out_dir = Path(out_dir)
     logger.info("Merged %d ingredients into %s", len(ingredients), out_dir)
     return out_dir
@@ -367,14 +397,26 @@ def build_recipe(
     method: MergeMethod,
     base: Ingredient | None,
     dtype: torch.dtype | None,
-) -> dict:
-    """The recipe written next to merged weights: enough to reproduce the merge."""
-    return {
-        "library": f"hf_soups {version('hf_soups')}",
-        "method": method.name,
-        "parameters": method.parameters(),
-        "citation": method.citation,
-        "ingredients": [ingredient.record() for ingredient in ingredients],
-        "base": base.record() if base is not None else None,
-        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-    }
+    **fields,
+) -> Recipe:
+    """The recipe of a merge: what replays it (method, parameters, sources with their resolved
+    revisions, base, dtype), plus any other :class:`~hf_soups.recipe.Recipe` ``fields``."""
+    return Recipe(
+        method=method.name,
+        parameters=method.parameters(),
+        citation=method.citation,
+        ingredients=[ingredient.record() for ingredient in ingredients],
+        base=base.record() if base is not None else None,
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        **fields,
+    )
+
+
+def _check_describes(recipe: Recipe, method: MergeMethod, dtype: torch.dtype | None) -> None:
+    # A recipe that names another merge than the one written would replay into other weights.
+    expected = (method.name, json.dumps(method.parameters(), sort_keys=True, default=str))
+    recorded = (recipe.method, json.dumps(recipe.parameters, sort_keys=True, default=str))
+    if expected != recorded or recipe.dtype != (
+        str(dtype).removeprefix("torch.") if dtype else None
+    ):
+        raise RecipeError(f"the recipe names method {recorded[0]!r}, not the merge written")

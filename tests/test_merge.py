@@ -19,8 +19,11 @@ from tiny import (
 from tiny_open_clip import make_tiny_open_clip_folder
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, ViTForImageClassification
 
+from hf_soups.errors import RecipeError
 from hf_soups.ingredients import Ingredient
-from hf_soups.merge import merge, weighted_state_dict
+from hf_soups.merge import build_recipe, merge, weighted_state_dict
+from hf_soups.methods import WeightedAverage
+from hf_soups.recipe import Score, SoupRecord
 
 
 def _weight_files(folder):
@@ -257,12 +260,17 @@ def test_mixed_precision_ingredients_write_the_first_ones_dtype(tmp_path):
 
 def test_recipe_records_ingredients_weights_and_method(vit_folders, tmp_path):
     ingredients = [Ingredient.from_source(folder) for folder in vit_folders]
+    method = WeightedAverage([0.2, 0.5, 0.3])
+    soup_record = SoupRecord(method="greedy")
+    scores = {"greedy soup": {"held_out": Score(metrics={"accuracy": 0.9})}}
     out = merge(
         ingredients,
         tmp_path / "soup",
-        weights=[0.2, 0.5, 0.3],
+        method=method,
         dtype=torch.float16,
-        recipe={"soup": "greedy", "scores": [0.9, 0.8]},
+        recipe=build_recipe(
+            ingredients, method, None, torch.float16, soup=soup_record, scores=scores
+        ),
         progress=False,
     )
     recipe = json.loads((out / "soup.json").read_text())
@@ -274,7 +282,13 @@ def test_recipe_records_ingredients_weights_and_method(vit_folders, tmp_path):
     ]
     assert recipe["base"] is None
     assert recipe["dtype"] == "float16"
-    assert recipe["soup"] == "greedy" and recipe["scores"] == [0.9, 0.8]
+    assert recipe["soup"]["method"] == "greedy"
+    assert recipe["scores"]["greedy soup"]["held_out"]["metrics"] == {"accuracy": 0.9}
+    # A recipe that describes another merge than the one written is refused.
+    other = build_recipe(ingredients, WeightedAverage([1, 0, 0]), None, torch.float16)
+    with pytest.raises(RecipeError, match="not the merge written"):
+        merge(ingredients, tmp_path / "wrong", method=method, recipe=other, progress=False)
+    assert not (tmp_path / "wrong").exists()
     # The default is a uniform soup, and says so.
     uniform = merge(vit_folders, tmp_path / "uniform", progress=False)
     assert json.loads((uniform / "soup.json").read_text())["parameters"] == {"weights": [1 / 3] * 3}

@@ -158,7 +158,7 @@ def model_stock_reference(base: dict, thetas: list[dict]) -> dict[str, torch.Ten
 def test_builder_model_stock_equals_the_engine(folders, tmp_path):
     base, fine_tunes = folders
     soup = SoupBuilder.from_pretrained([str(f) for f in fine_tunes]).model_stock(base=str(base))
-    assert soup.method == "model_stock" and soup.base.source == str(base)
+    assert soup.method.name == "model_stock" and soup.base.source == str(base)
     saved = soup.save_pretrained(tmp_path / "soup", progress=False)
     engine = merge(
         [str(f) for f in fine_tunes], tmp_path / "engine", method=ModelStock(), base=str(base)
@@ -167,7 +167,7 @@ def test_builder_model_stock_equals_the_engine(folders, tmp_path):
     assert_same_tensors(soup.state_dict(), load_weights(engine))
     reference = model_stock_reference(load_weights(base), [load_weights(f) for f in fine_tunes])
     merged = load_weights(saved)
-    ratios = list(soup.merge_method.ratios.values())
+    ratios = list(soup.method.ratios.values())
     assert 0.3 < sum(ratios) / len(ratios) < 0.95  # correlated deltas: t far from 0 and 1
     for name, expected in reference.items():
         torch.testing.assert_close(merged[name].double(), expected, atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import zlib
 from pathlib import Path
@@ -136,10 +137,9 @@ def ref_task_arithmetic(thetas, theta0, lambdas):
 
 
 def ref_trim(tau, density):
-    """Keep the int(density * n) largest magnitudes, and every entry tied with the last kept."""
-    keep = int(density * tau.numel())
-    if keep == 0:
-        return torch.zeros_like(tau)
+    """Keep the int(density * n) largest magnitudes (at least one), and every entry tied with
+    the last kept."""
+    keep = max(1, int(density * tau.numel()))
     threshold = tau.abs().flatten().sort(descending=True).values[keep - 1]
     return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
 
@@ -227,6 +227,19 @@ def test_ties_matches_reference(checkpoints, tmp_path, density):
     _assert_matches(out, _reference(checkpoints, lambda n, ts, t0: ref_ties(ts, t0, density, 0.8)))
 
 
+def test_ties_keeps_the_largest_entry_of_a_tensor_density_would_empty():
+    # 3 entries at density 0.2: int(0.6) = 0 would trim both task vectors to nothing and leave
+    # the base. By hand: tau_1 keeps its largest |.|, -0.5 (entry 1); tau_2 its -0.375
+    # (entry 2). Summed: (0, -0.5, -0.375), so - is elected on entries 1 and 2 and the zero
+    # sum of entry 0 elects +, where no kept value agrees. Disjoint means: (0, -0.5, -0.375).
+    base = torch.tensor([1.0, 2.0, 3.0])
+    taus = [torch.tensor([0.125, -0.5, 0.25]), torch.tensor([0.25, 0.0625, -0.375])]
+    out = TIES(density=0.2, scaling=0.5).merge_tensor(
+        "head.bias", [lambda t=t: base + t for t in taus], lambda: base.clone()
+    )
+    assert out.tolist() == [1.0, 2.0 - 0.5 * 0.5, 3.0 - 0.5 * 0.375]
+
+
 def test_ties_equal_signs_is_mean_of_trimmed_deltas(base_state, tmp_path):
     # Every fine-tune moves each weight the same way: nothing is disjoint, and with density 1
     # TIES is the base plus lambda times the mean task vector.
@@ -263,6 +276,29 @@ def test_ties_zero_sum_elects_positive(base_state, tmp_path):
     out = _run(TIES(density=1.0), [plus, minus], base, tmp_path / "out")
     on_disk_tau = {k: _float64(plus)[k] - v for k, v in _float64(base).items()}
     _assert_matches(out, {k: v + on_disk_tau[k].abs() for k, v in _float64(base).items()})
+
+
+def test_task_arithmetic_warns_once_when_the_scalings_extrapolate(checkpoints, tmp_path, caplog):
+    base, tunes = checkpoints
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        _run(TaskArithmetic(), tunes, base, tmp_path / "default")
+    # One warning for the whole merge (not one per tensor), naming the sum and the average.
+    warnings = [r.getMessage() for r in caplog.records if "extrapolates" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "3 task vectors sum to 3" in warnings[0] and "0.333333 each" in warnings[0]
+    caplog.clear()
+    method = TaskArithmetic([0.7, 0.6])
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        method.check(2)
+        method.check(2)
+    assert [r.getMessage() for r in caplog.records if "sum to 1.3" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+    caplog.clear()
+    # Averaging (1/N each), negating a task, or one task vector at 1: no extrapolation.
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        for scaling, count in ((1 / 3, 3), ([1.0, -1.0], 2), (1.0, 1), ([0.5, 0.5], 2)):
+            TaskArithmetic(scaling).check(count)
+    assert caplog.records == []
 
 
 # ---------------------------------------------------------------- DARE

@@ -254,10 +254,10 @@ def test_soup_as_fine_tuned_end(clip_models, tmp_path):
     assert_matches_reference(load_weights(folder), reference)
     recipe = json.loads((folder / "soup.json").read_text())
     assert recipe["method"] == "wise_ft" and recipe["parameters"] == {"alpha": 0.5}
-    assert recipe["zero_shot"]["source"] == str(zero_shot)
-    assert recipe["fine_tuned"]["source"] == str(soup)
-    assert recipe["fine_tuned"]["recipe"]["method"] == "weighted_average"
-    assert len(recipe["fine_tuned"]["recipe"]["ingredients"]) == 2
+    assert recipe["patch"]["zero_shot"]["source"] == str(zero_shot)
+    assert recipe["patch"]["fine_tuned"]["source"] == str(soup)
+    assert recipe["patch"]["fine_tuned"]["recipe"]["method"] == "weighted_average"
+    assert len(recipe["patch"]["fine_tuned"]["recipe"]["ingredients"]) == 2
 
 
 def test_open_clip_interpolation_includes_head(tmp_path):
@@ -426,7 +426,17 @@ def test_paint_head_swap_keeps_supported_task_zero_shot(clip_models, eval_data, 
     folder = result.save_pretrained(tmp_path / "patched", progress=False)
     patched = load_model(folder)
     head = patched.build_head(tokenizer, SUPPORTED_CLASSES, SUPPORTED_TEMPLATES, progress=False)
-    assert torch.equal(head, reference.classifier.weight.detach())
+    # Bit for bit: the text tower is the zero-shot model's, so the head built from it is the
+    # head the zero-shot model builds (on the same code path; the independent reference above,
+    # built through CLIPModel's own attention, agrees to float rounding).
+    saved, original = load_weights(folder), load_weights(zero_shot)
+    text_tensors = [name for name in original if "text" in name or name.endswith("logit_scale")]
+    assert text_tensors and all(torch.equal(saved[n], original[n]) for n in text_tensors)
+    zero_shot_head = load_model(zero_shot).build_head(
+        tokenizer, SUPPORTED_CLASSES, SUPPORTED_TEMPLATES, progress=False
+    )
+    assert torch.equal(head, zero_shot_head)
+    torch.testing.assert_close(head, reference.classifier.weight.detach(), rtol=1e-6, atol=1e-5)
     patched.set_head(head, SUPPORTED_CLASSES)
     _, predictions = _plain_accuracy(patched, eval_data["supported"])
     assert np.array_equal(
@@ -484,14 +494,14 @@ def test_wise_ft_selection_saves_curve_and_plot(clip_models, eval_data, tmp_path
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     recipe = json.loads((folder / "soup.json").read_text())
     assert recipe["method"] == "wise_ft" and recipe["parameters"] == {"alpha": result.alpha}
-    assert recipe["chosen_alpha"] == result.alpha and recipe["plots"] == [PLOT_FILE]
-    assert recipe["sweep"]["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert recipe["sweep"]["scores"] == scores
-    assert recipe["selection"]["target"] == ["id"] and recipe["selection"]["preserve"] == [
-        "shifted"
-    ]
+    assert recipe["patch"]["chosen_alpha"] == result.alpha and recipe["plots"] == [PLOT_FILE]
+    assert recipe["patch"]["sweep"]["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert recipe["patch"]["sweep"]["scores"] == scores
+    assert recipe["patch"]["selection"]["target"] == ["id"] and recipe["patch"]["selection"][
+        "preserve"
+    ] == ["shifted"]
     assert {"zero-shot", "fine-tuned"} <= recipe["scores"].keys()
-    assert recipe["zero_shot"]["source"] == str(zero_shot)
+    assert recipe["patch"]["zero_shot"]["source"] == str(zero_shot)
     reference = weighted_reference([zero_shot, fine_tuned], [1 - result.alpha, result.alpha])
     assert_matches_reference(load_weights(folder), reference)
     assert (folder / "tokenizer.json").is_file()  # processor files travel with the model
@@ -569,14 +579,14 @@ def test_cli_sweep_with_recipe(clip_models, eval_data, tmp_path, capsys):
     ]
     assert main(argv) == 0
     record = json.loads((out / "soup.json").read_text())
-    scores = record["sweep"]["scores"]
-    assert record["sweep"]["alphas"] == [0.0, 0.5, 1.0]
+    scores = record["patch"]["sweep"]["scores"]
+    assert record["patch"]["sweep"]["alphas"] == [0.0, 0.5, 1.0]
     for i, folder in ((0, zero_shot), (2, fine_tuned)):
         for name in ("id", "shifted"):
             assert scores[name][i] == _plain_accuracy(load_model(folder), eval_data[name])[0]
     objective = [(scores["id"][i] + scores["shifted"][i]) / 2 for i in range(3)]
     expected_alpha = [0.0, 0.5, 1.0][int(np.argmax(objective))]
-    assert record["chosen_alpha"] == expected_alpha
+    assert record["patch"]["chosen_alpha"] == expected_alpha
     assert (out / PLOT_FILE).is_file()
     assert f"alpha={expected_alpha:g}" in capsys.readouterr().out
 
@@ -601,12 +611,12 @@ def test_cli_patch_recipe(clip_models, eval_data, tmp_path):
     (tmp_path / "patch.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["-q", "patch", str(tmp_path / "patch.yaml")]) == 0
     record = json.loads((tmp_path / "patched" / "soup.json").read_text())
-    scores = record["sweep"]["scores"]
-    assert record["kind"] == "paint" and record["selection"]["rule"] == "max_drop"
+    scores = record["patch"]["sweep"]["scores"]
+    assert record["patch"]["kind"] == "paint" and record["patch"]["selection"]["rule"] == "max_drop"
     # Brute force: best patching score among alphas losing nothing on the supported task.
     feasible = [i for i in range(3) if scores["supported"][i] >= scores["supported"][0]]
     best = max(scores["id"][i] for i in feasible)
-    assert record["chosen_alpha"] == min(
+    assert record["patch"]["chosen_alpha"] == min(
         [0.0, 0.5, 1.0][i] for i in feasible if scores["id"][i] == best
     )
     # Recipe errors name the file and the key.

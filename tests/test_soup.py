@@ -104,10 +104,10 @@ def test_greedy_follows_the_papers_loop(pool):
     expected, expected_score = paper_greedy(states, file_score)
     assert [i.source for i in soup.ingredients] == [str(folders[i]) for i in expected]
     assert 1 < len(expected) < len(folders)  # the pool is built so that greedy must choose
-    trace = soup.details["greedy_trace"]
-    assert [t["ingredient"] for t in trace if t["kept"]] == [str(folders[i]) for i in expected]
-    assert trace[0]["ingredient"] == str(folders[expected[0]])
-    final = [t["soup_score"] for t in trace if t["kept"]][-1]
+    trace = soup.record.greedy_trace
+    assert [t.ingredient for t in trace if t.kept] == [str(folders[i]) for i in expected]
+    assert trace[0].ingredient == str(folders[expected[0]])
+    final = [t.soup_score for t in trace if t.kept][-1]
     assert final == pytest.approx(expected_score, rel=1e-5)
     # the saved soup is the uniform average of the kept ingredients
     merged = soup.state_dict()
@@ -122,7 +122,7 @@ def test_greedy_options(pool, caplog):
     builder = SoupBuilder.from_pretrained([str(f) for f in folders])
     capped = builder.greedy(score, max_size=2)
     assert len(capped.ingredients) == 2
-    assert any(t.get("reason") == "max_size reached" for t in capped.details["greedy_trace"])
+    assert any(t.reason == "max_size reached" for t in capped.record.greedy_trace)
     # a huge required gain keeps only the best model, and says so
     with caplog.at_level("WARNING"):
         only_best = builder.greedy(score, min_gain=1e9)
@@ -192,7 +192,7 @@ def test_learned_soup_recovers_known_coefficients(tmp_path):
     soup = builder.learned(data, epochs=10, lr=0.1, batch_size=250, progress=False)
     assert soup.weights[0] == pytest.approx(0.3, abs=0.05)
     assert sum(soup.weights) == pytest.approx(1.0)
-    assert soup.details["coefficients"]["losses"][-1] < soup.details["coefficients"]["losses"][0]
+    assert soup.record.coefficients["losses"][-1] < soup.record.coefficients["losses"][0]
 
 
 def test_learned_by_layer_soup_saves_and_loads(pool, tmp_path):

@@ -255,8 +255,8 @@ def test_sweep_choice_written_folder_and_swap(tmp_path, accelerator):
     chosen = tmp_path / "chosen"
     assert max_difference(weights(chosen), expected) < 1e-6
     recipe = json.loads((chosen / "soup.json").read_text())
-    assert recipe["chosen_alpha"] == result.alpha
-    assert recipe["sweep"]["scores"] == scores
+    assert recipe["patch"]["chosen_alpha"] == result.alpha
+    assert recipe["patch"]["sweep"]["scores"] == scores
     assert (chosen / "wise_ft_sweep.png").stat().st_size > 0
     assert (chosen / "preprocessor_config.json").is_file()
     # The two ends are the weights the run started from and ended with, bit for bit.

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_soups.callbacks._ledger import Weights, weights_ledger
 from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
 from hf_soups.output import atomic_output_dir, check_output_dir
 
@@ -289,6 +290,10 @@ def _combine_bn_statistics(modules: list[torch.nn.Module], seen: int) -> None:
         module.num_batches_tracked.fill_(int(total.item()))
 
 
+#: Appended to the average's description when only the first eval dataset saw it.
+_MIXED_EVALUATION = " on the first eval dataset, training weights on the others"
+
+
 class WeightAveragingCallback(TrainerCallback):
     """Base of the averaging callbacks: state, evaluation swaps, checkpoints and the end of training.
 
@@ -298,6 +303,9 @@ class WeightAveragingCallback(TrainerCallback):
 
     #: Stem of the files holding the callback's state inside a Trainer checkpoint folder.
     state_name: str = "averaging"
+    #: Whether an optimizer step that mixed precision skipped (non-finite gradients, weights
+    #: left unchanged) still moves the average.
+    averages_skipped_steps: bool = False
 
     def __init__(
         self,
@@ -371,6 +379,8 @@ class WeightAveragingCallback(TrainerCallback):
     # ---- Trainer events ---------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.swap_at_end:
+            weights_ledger(state).claim_end_swap(type(self).__name__, builds_on_earlier=False)
         if self.save_dir is not None:
             require_save_pretrained(model, "save_dir")
             if state.global_step == 0:
@@ -384,9 +394,19 @@ class WeightAveragingCallback(TrainerCallback):
         else:
             self._pending_state = None
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # The Trainer increments global_step after this event: this is optimizer step global_step+1.
-        self._update(state.global_step + 1, state)
+        step = state.global_step + 1
+        # The Trainer asks the accelerator only after this event whether the step was skipped,
+        # but the accelerator reads it from the optimizer, which knows it as soon as it stepped.
+        if not self.averages_skipped_steps and getattr(optimizer, "step_was_skipped", False):
+            logger.debug(
+                "%s: optimizer step %d was skipped (non-finite gradients); not averaged",
+                type(self).__name__,
+                step,
+            )
+            return
+        self._update(step, state)
 
     # The Trainer has no event before an evaluation: DefaultFlowCallback (which runs first) sets
     # `should_evaluate` in on_step_end/on_epoch_end, and the evaluation follows right after.
@@ -403,19 +423,23 @@ class WeightAveragingCallback(TrainerCallback):
         self._swap_back_after_evaluation()
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        if (
-            self._eval_backup is None
-            and self._eval_round_step == state.global_step
-            and not self._warned_partial_eval
-        ):
-            # on_evaluate fires once per eval dataset when eval_dataset is a dict; the weights
-            # went back after the first one.
+        if self._eval_backup is not None or self._eval_round_step != state.global_step:
+            return
+        # on_evaluate fires once per eval dataset when eval_dataset is a dict; the weights went
+        # back after the first one, so the metrics logged at this step mix two sets of weights.
+        if not self._warned_partial_eval:
             logger.warning(
                 "%s: with several eval datasets only the first is evaluated on the averaged "
                 "weights; the others see the training weights",
                 type(self).__name__,
             )
             self._warned_partial_eval = True
+        ledger = weights_ledger(state)
+        evaluated = ledger.weights_evaluated_at(state.global_step)
+        if not evaluated.source.endswith(_MIXED_EVALUATION):
+            ledger.evaluated[state.global_step] = Weights(
+                evaluated.source + _MIXED_EVALUATION, evaluated.step
+            )
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save or self.averaged is None:
@@ -458,7 +482,12 @@ class WeightAveragingCallback(TrainerCallback):
         train_dataloader = kwargs.get("train_dataloader")
         if self.swap_at_end:
             self.averaged.load_into(model)
-            self._maybe_update_bn(model, train_dataloader)
+            recomputed = self._maybe_update_bn(model, train_dataloader)
+            source = self._describe_average()
+            weights_ledger(state).loaded = Weights(
+                f"{source} with recomputed BatchNorm statistics" if recomputed else source,
+                state.global_step,
+            )
             self._save(args, model, processing_class)
             logger.info(
                 "%s: loaded the average of %d weight sets into the model",
@@ -527,6 +556,12 @@ class WeightAveragingCallback(TrainerCallback):
         self.averaged.broadcast_buffers_from_main(model)
         self._eval_backup = [(t, t.detach().clone()) for t in _all_tensors(model)]
         self.averaged.load_into(model)
+        weights_ledger(state).evaluated[state.global_step] = Weights(
+            self._describe_average(), state.global_step
+        )
+
+    def _describe_average(self) -> str:
+        return f"{type(self).__name__}'s average of {self.n_averaged} weight sets"
 
     @torch.no_grad()
     def _swap_back_after_evaluation(self) -> None:
@@ -536,12 +571,14 @@ class WeightAveragingCallback(TrainerCallback):
             live.copy_(saved)
         self._eval_backup = None
 
-    def _maybe_update_bn(self, model: torch.nn.Module, train_dataloader: Any) -> None:
+    def _maybe_update_bn(self, model: torch.nn.Module, train_dataloader: Any) -> bool:
+        """Recompute BatchNorm statistics when asked; whether any were recomputed."""
         if not self.bn_update:
-            return
+            return False
         if train_dataloader is None:
             logger.warning("No training dataloader available; BatchNorm statistics not updated")
-            return
+            return False
         seen = update_bn(train_dataloader, model, max_batches=self.bn_update_max_batches)
         if seen:
             logger.info("Recomputed BatchNorm statistics over %d batches", seen)
+        return seen > 0

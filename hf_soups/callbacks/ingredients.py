@@ -22,6 +22,7 @@ from hf_soups.callbacks._averaging import (
     wait_for_everyone,
     write_json_atomic,
 )
+from hf_soups.callbacks._ledger import TRAINING, Weights, weights_ledger
 from hf_soups.ingredients import INGREDIENT_METADATA_FILE
 from hf_soups.output import check_output_dir
 
@@ -98,8 +99,17 @@ class IngredientCallback(TrainerCallback):
 
         {"hyperparameters": {learning_rate, weight_decay, seed, ..., world_size, **extras},
          "step": <optimizer step of the weights>,
+         "weights": <which weights: "training weights at step 6", "SWACallback's average ...">,
          "metrics": {<eval metrics logged at that step, or at the last evaluation>},
          "metrics_step": <step those metrics were computed at, or null>}
+
+    ``metrics`` only ever describe the saved weights: the training weights when those are saved
+    (of the step ``metrics_step`` names), an average only when that very average was evaluated
+    (``evaluate_with_average`` with an evaluation at the last step). When an averaging
+    callback's evaluation saw other weights than those saved, or when it swaps its average in
+    after the last evaluation, ``metrics`` is empty, ``metrics_step`` null, and the logged
+    metrics go to ``"metrics_of_other_weights": {"weights", "step", "metrics"}``, with a
+    warning; evaluate the ingredient folder to score it.
 
     With ``every_n_steps``, snapshots are also written to ``sweep_dir/<name>-step<k>/`` every
     that many optimizer steps, as Fast Geometric Ensembling collects the cycle ends of a cyclical
@@ -160,16 +170,17 @@ class IngredientCallback(TrainerCallback):
         if self.every_n_steps is None or step % self.every_n_steps:
             return
         target = self.ingredient_dir(args, step)
-        self._write(args, state, model, processing_class, target, step, {}, None)
+        self._write(args, state, model, processing_class, target, Weights(TRAINING, step), {}, None)
         self._snapshots[step] = target
 
     def on_evaluate(self, args, state, control, **kwargs):
         # The Trainer evaluates after on_step_end: complete the snapshot of this step.
-        target = self._snapshots.get(state.global_step)
+        step = state.global_step
+        target = self._snapshots.get(step)
         if target is None or not args.should_save:
             return
         record = self._record(
-            args, state.global_step, eval_metrics_at(state, state.global_step), state.global_step
+            args, state, Weights(TRAINING, step), eval_metrics_at(state, step), step, target
         )
         write_json_atomic(target / INGREDIENT_METADATA_FILE, record)
 
@@ -179,20 +190,53 @@ class IngredientCallback(TrainerCallback):
         step = state.global_step
         if args.load_best_model_at_end and state.best_global_step:
             step = state.best_global_step
-        metrics_step = step if eval_metrics_at(state, step) else last_eval_step(state)
+        # Callbacks listed before this one may have loaded other weights (an average).
+        saved = weights_ledger(state).weights_held(step)
+        metrics_step = saved.step if eval_metrics_at(state, saved.step) else last_eval_step(state)
         metrics = eval_metrics_at(state, metrics_step) if metrics_step is not None else {}
         target = self.ingredient_dir(args)
-        self._write(args, state, model, processing_class, target, step, metrics, metrics_step)
+        self._write(args, state, model, processing_class, target, saved, metrics, metrics_step)
 
     def _record(
-        self, args: TrainingArguments, step: int, metrics: dict, metrics_step: int | None
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        saved: Weights,
+        metrics: dict,
+        metrics_step: int | None,
+        target: Path,
     ) -> dict:
-        return {
+        record = {
             "hyperparameters": hyperparameters(args, self.extra_hyperparameters),
-            "step": step,
+            "step": saved.step,
+            "weights": saved.describe(),
             "metrics": metrics,
             "metrics_step": metrics_step,
         }
+        if metrics_step is None:
+            return record
+        evaluated = weights_ledger(state).weights_evaluated_at(metrics_step)
+        # Training weights of an earlier step are the documented fallback (metrics_step says so).
+        if evaluated == saved or (evaluated.is_training and saved.is_training):
+            return record
+        logger.warning(
+            "%s: the metrics logged at step %d are those of the %s, not of the %s saved; they "
+            "are recorded as metrics_of_other_weights (evaluate the folder to score it)",
+            target,
+            metrics_step,
+            evaluated.describe(),
+            saved.describe(),
+        )
+        record.update(
+            metrics={},
+            metrics_step=None,
+            metrics_of_other_weights={
+                "weights": evaluated.describe(),
+                "step": metrics_step,
+                "metrics": metrics,
+            },
+        )
+        return record
 
     def _write(
         self,
@@ -201,12 +245,12 @@ class IngredientCallback(TrainerCallback):
         model: Any,
         processing_class: Any,
         target: Path,
-        step: int,
+        saved: Weights,
         metrics: dict,
         metrics_step: int | None,
     ) -> None:
         if args.should_save:
-            record = self._record(args, step, metrics, metrics_step)
+            record = self._record(args, state, saved, metrics, metrics_step, target)
             save_model_folder(
                 model,
                 target,
@@ -215,5 +259,5 @@ class IngredientCallback(TrainerCallback):
                 overwrite=self.overwrite,
             )
             self.written.append(target)
-            logger.info("Saved ingredient %s (step %d)", target, step)
+            logger.info("Saved ingredient %s (%s)", target, saved.describe())
         wait_for_everyone()

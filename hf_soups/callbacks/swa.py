@@ -21,9 +21,11 @@ class SWACallback(WeightAveragingCallback):
     From optimizer step ``swa_start`` on, the weights after every ``every_n_steps``-th optimizer
     step join a float32 running mean kept on the model's device; the result equals that of
     :class:`torch.optim.swa_utils.AveragedModel` fed the same weights. Steps count optimizer
-    updates, so gradient accumulation does not change the schedule. For a cyclical learning
-    rate (FGE / cyclic SWA), set ``every_n_steps`` to the cycle length and ``swa_start`` to the
-    end of the first cycle, so that the weights at each cycle end are averaged.
+    updates, so gradient accumulation does not change the schedule. A scheduled step that mixed
+    precision skipped (non-finite gradients: the weights are still the previous step's) is not
+    averaged, so no weights count twice. For a cyclical learning rate (FGE / cyclic SWA), set
+    ``every_n_steps`` to the cycle length and ``swa_start`` to the end of the first cycle, so
+    that the weights at each cycle end are averaged.
 
     With ``swa_lr`` set, the learning rate of every optimizer step after ``swa_start`` follows
     :class:`torch.optim.swa_utils.SWALR`: it anneals from the rate in use at step ``swa_start``
@@ -51,7 +53,10 @@ class SWACallback(WeightAveragingCallback):
             otherwise the model's own buffers are kept when the average is loaded.
         evaluate_with_average: Evaluate on the averaged weights during training (once any
             exist), swapping back to the training weights right after each evaluation.
-        swap_at_end: Load the averaged weights into the model when training ends.
+        swap_at_end: Load the averaged weights into the model when training ends. Only one
+            callback of a run may (another SWA, EMA or WiSE-FT callback listed before this
+            one with ``swap_at_end`` raises :class:`~hf_soups.errors.CallbackConflictError`
+            when training begins).
         save_dir: Also write the averaged model there (with the processor/tokenizer).
         overwrite: Replace an existing non-empty ``save_dir``.
     """

@@ -30,6 +30,7 @@ from hf_soups.callbacks._averaging import (
     wait_for_everyone,
     write_json_atomic,
 )
+from hf_soups.callbacks._ledger import Weights, weights_ledger
 from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
 from hf_soups.output import check_output_dir
 
@@ -70,7 +71,8 @@ class WiSEFTCallback(TrainerCallback):
 
     Listed after an :class:`~hf_soups.callbacks.SWACallback` or
     :class:`~hf_soups.callbacks.EMACallback` with ``swap_at_end``, the fine-tuned end is the
-    averaged model (callbacks run in list order).
+    averaged model (callbacks run in list order). Listed before one, its chosen weights would be
+    replaced by the average: that is refused when training begins.
 
     In a run over several processes every process takes part in the sweep (an
     :class:`~hf_soups.evaluation.Evaluator` splits its data across them and gathers the
@@ -148,6 +150,8 @@ class WiSEFTCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         _require_folder_model(model)
+        if self.swap_at_end:
+            weights_ledger(state).claim_end_swap(type(self).__name__, builds_on_earlier=True)
         self.result = None
         if state.global_step > 0:
             self.zero_shot_dir = self._find_start(args, state.global_step)
@@ -208,7 +212,17 @@ class WiSEFTCallback(TrainerCallback):
             result.save_pretrained(self.save_dir, overwrite=self.overwrite, progress=show_progress)
         wait_for_everyone()
         if self.swap_at_end:
+            ledger = weights_ledger(state)
+            trained_step = state.global_step
+            if args.load_best_model_at_end and state.best_global_step:
+                trained_step = state.best_global_step
+            fine_tuned = ledger.weights_held(trained_step)
             _load_chosen_weights(model, result, self.save_dir)
+            ledger.loaded = Weights(
+                f"WiSE-FT interpolation at alpha={result.alpha:g} between the starting weights "
+                f"and the {fine_tuned.source}",
+                fine_tuned.step,
+            )
             logger.info("WiSE-FT: loaded the weights at alpha=%g into the model", result.alpha)
         self.result = result
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hf_soups.errors import InvalidWeightsError
+from hf_soups.errors import InvalidWeightsError, MissingBaseError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ class MergeMethod(ABC):
     @abstractmethod
     def parameters(self) -> dict:
         """The method's parameters, recorded in the recipe and the model card."""
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> MergeMethod:
+        """Rebuild the method from what :meth:`parameters` recorded (how a recipe replays)."""
+        return cls(**parameters)
 
     def check(self, num_ingredients: int) -> None:  # noqa: B027 - optional hook
         """Validate the method's parameters against the number of ingredients."""
@@ -131,3 +136,18 @@ class WeightedAverage(MergeMethod):
 
     def parameters(self) -> dict:
         return {"weights": self.weights}
+
+
+def check_method_inputs(method: MergeMethod, num_ingredients: int, has_base: bool) -> None:
+    """The one check of a method against its inputs: its parameters fit the number of
+    ingredients, and a base model is given exactly when the method works from one.
+
+    Raises:
+        MissingBaseError: the method needs a base model and none is given.
+        ValueError: a base model is given to a method that has no use for it.
+    """
+    if method.needs_base and not has_base:
+        raise MissingBaseError(f"method {method.name!r} needs a base model (base=...)")
+    if has_base and not method.needs_base:
+        raise ValueError(f"method {method.name!r} does not use a base model; drop base=")
+    method.check(num_ingredients)

@@ -145,3 +145,11 @@ class DARETIES(_DARE):
             "seed": self.seed,
             "sign_election": "total",
         }
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> DARETIES:
+        # The sign election is recorded for readers; "total" is the only one implemented.
+        parameters = dict(parameters)
+        if parameters.pop("sign_election", "total") != "total":
+            raise ValueError("sign_election: only 'total' (the paper's) is implemented")
+        return cls(**parameters)

@@ -311,6 +311,12 @@ class FisherAverage(MergeMethod):
             "weights": self.weights,
         }
 
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> FisherAverage:
+        parameters = dict(parameters)
+        fisher_dirs = [fisher["path"] for fisher in parameters.pop("fishers")]
+        return cls(fisher_dirs, **parameters)
+
 
 def fisher_metadata(folder: str | os.PathLike) -> dict:
     """What :func:`compute_fisher` recorded about a Fisher folder (``{}`` if nothing)."""

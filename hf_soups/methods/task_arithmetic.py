@@ -4,12 +4,19 @@ A task vector is a fine-tuned model minus its pre-trained base, ``tau_i = theta_
 ``theta = theta_0 + sum_i lambda_i * tau_i`` adds the tasks (``lambda_i > 0``) or forgets them
 (negation, ``lambda_i < 0``). The sum is streamed: one fine-tuned tensor in memory at a time.
 
+The scalings extrapolate when they sum to more than 1: with the default ``lambda_i = 1`` and N
+task vectors from fine-tunes of one task (a sweep), the result moves N times as far from the
+base as one fine-tune along their shared direction, rather than to their average (``1 / N``
+each). Adding different tasks is what the paper does, with one ``lambda`` tuned on held-out
+data (about 0.3 to 0.5 for several tasks there). A warning names the sum when it is above 1.
+
 The helpers here (:func:`check_scaling`, :func:`check_fraction`, :func:`require_base`) are shared
 by the other task-vector methods (TIES, DARE).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -17,6 +24,8 @@ import torch
 
 from hf_soups.errors import InvalidWeightsError, MissingBaseError
 from hf_soups.methods.base import MergeMethod, TensorLoader
+
+logger = logging.getLogger(__name__)
 
 Scaling = float | Sequence[float]
 
@@ -68,6 +77,21 @@ def check_fraction(value: float, argument: str, *, allow_zero: bool, allow_one: 
     return value
 
 
+def warn_if_extrapolating(method: str, coefficients: Sequence[float]) -> None:
+    """Warn when the task vectors' scalings sum to more than 1 (see the module docstring)."""
+    total = math.fsum(coefficients)
+    if total > 1.0:
+        logger.warning(
+            "%s: the scalings of the %d task vectors sum to %g, so the merge extrapolates past "
+            "the fine-tunes; for fine-tunes of one task use %g each (their average), or tune "
+            "the scaling on held-out data",
+            method,
+            len(coefficients),
+            total,
+            1 / len(coefficients),
+        )
+
+
 def require_base(method: MergeMethod, base: TensorLoader | None) -> TensorLoader:
     """The base loader, or :class:`MissingBaseError` when a method that needs one has none."""
     if base is None:
@@ -81,7 +105,8 @@ class TaskArithmetic(MergeMethod):
     Args:
         scaling: ``lambda``, one coefficient for every task vector or one per ingredient.
             Negative values negate a task (forgetting it). The paper picks it on held-out data;
-            1.0 adds the task vectors as they are.
+            1.0 adds the task vectors as they are, which extrapolates for several fine-tunes
+            of one task (a warning says so when the scalings sum to more than 1).
     """
 
     name = "task_arithmetic"
@@ -97,9 +122,14 @@ class TaskArithmetic(MergeMethod):
 
     def __init__(self, scaling: Scaling = 1.0):
         self.scaling = check_scaling(scaling)
+        self._extrapolation_checked: set[int] = set()
 
     def check(self, num_ingredients: int) -> None:
-        check_scaling(self.scaling, num_ingredients)
+        coefficients = check_scaling(self.scaling, num_ingredients)
+        # Once per number of task vectors: a soup and its merge both check the same method.
+        if num_ingredients not in self._extrapolation_checked:
+            self._extrapolation_checked.add(num_ingredients)
+            warn_if_extrapolating(self.name, coefficients)
 
     def merge_tensor(
         self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None

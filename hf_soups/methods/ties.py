@@ -2,10 +2,14 @@
 
 For each tensor, with task vectors ``tau_i = theta_i - theta_0``:
 
-1. **Trim**: keep the ``int(density * numel)`` largest magnitudes of each ``tau_i``, zero the
-   rest. Entries whose magnitude ties with the smallest kept one are kept too, as the paper's
-   threshold (``|tau| >= k-th largest``) does; ``int`` rounds down, as peft and mergekit do, so a
-   tensor with ``density * numel < 1`` is trimmed to zero.
+1. **Trim**: keep the ``max(1, int(density * numel))`` largest magnitudes of each ``tau_i``,
+   zero the rest. Entries whose magnitude ties with the smallest kept one are kept too, as the
+   paper's threshold (``|tau| >= k-th largest``) does. ``int`` rounds down, as peft and mergekit
+   do, but at least the largest entry is kept: with ``int`` alone a tensor with
+   ``density * numel < 1`` (the bias of a head of 4 classes at density 0.2) is trimmed to
+   nothing and silently stays at the base (peft does that; mergekit refuses such a tensor). The
+   paper trims over the whole model, where a small tensor keeps its entries that are among the
+   largest; keeping each tensor's largest entry is the per-tensor rule nearest to it.
 2. **Elect**: the sign of each parameter is the sign of the summed trimmed vectors (the paper's
    "total mass" rule). A zero sum elects ``+``, as peft and mergekit do (the paper's code gives
    such entries the tensor's majority sign instead); entries where every trimmed value is zero
@@ -21,7 +25,6 @@ fine-tuned tensor twice.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -51,13 +54,11 @@ def check_merged_scaling(method: str, scaling: float) -> float:
 
 
 def trim_threshold(delta: torch.Tensor, density: float) -> float:
-    """The magnitude below which TIES trims ``delta``: its ``int(density * numel)``-th largest
-    ``|delta|`` (0 when nothing is trimmed, infinity when everything is)."""
-    if density >= 1.0:
+    """The magnitude below which TIES trims ``delta``: its ``max(1, int(density * numel))``-th
+    largest ``|delta|`` (0 when nothing is trimmed)."""
+    if density >= 1.0 or delta.numel() == 0:
         return 0.0
-    keep = int(density * delta.numel())
-    if keep == 0:
-        return math.inf
+    keep = max(1, int(density * delta.numel()))
     return delta.abs().view(-1).kthvalue(delta.numel() - keep + 1).values.item()
 
 
@@ -99,7 +100,7 @@ class TIES(MergeMethod):
 
     Args:
         density: fraction of each task vector's entries kept by the trim step, in (0, 1]
-            (the paper's ``k``, 20% by default there).
+            (the paper's ``k``, 20% by default there); at least one entry per tensor is kept.
         scaling: ``lambda``, the scale of the merged task vector (1 adds it as it is; the paper
             tunes it on validation data).
     """
@@ -130,3 +131,11 @@ class TIES(MergeMethod):
 
     def parameters(self) -> dict:
         return {"density": self.density, "scaling": self.scaling, "sign_election": "total"}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> TIES:
+        # The sign election is recorded for readers; "total" is the only one implemented.
+        parameters = dict(parameters)
+        if parameters.pop("sign_election", "total") != "total":
+            raise ValueError("sign_election: only 'total' (the paper's) is implemented")
+        return cls(**parameters)

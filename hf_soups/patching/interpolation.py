@@ -17,9 +17,7 @@ memory with the same arithmetic, so the swept model and the folder later written
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,72 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_soups.errors import InvalidWeightsError
+from hf_soups.errors import RecipeError
 from hf_soups.ingredients import Ingredient, check_compatible
-from hf_soups.merge import RECIPE_FILE, IngredientLike, as_ingredients, merge, weighted_state_dict
-from hf_soups.methods.base import MergeMethod, TensorLoader
+from hf_soups.merge import IngredientLike, as_ingredients, build_recipe, merge, weighted_state_dict
+from hf_soups.methods.wise_ft import Interpolation, check_alpha, interpolate
 from hf_soups.models import load_model
+from hf_soups.recipe.schema import RECIPE_FILE, PatchRecord, Recipe, Source
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Endpoints", "Interpolation", "interpolate", "wise_ft"]
-
-WISE_FT_CITATION = (
-    "Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022, arXiv:2109.01903"
-)
-
-
-def check_alpha(alpha: float) -> float:
-    """Return ``alpha`` as a float; refuse non-finite values, warn outside ``[0, 1]``."""
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise InvalidWeightsError(f"alpha: {alpha!r} is not a number") from None
-    if not math.isfinite(alpha):
-        raise InvalidWeightsError(f"alpha: {alpha} is not a finite number")
-    if not 0.0 <= alpha <= 1.0:
-        logger.warning("alpha=%g lies outside [0, 1]: extrapolating, not interpolating", alpha)
-    return alpha
-
-
-def interpolate(zero_shot: torch.Tensor, fine_tuned: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``(1 - alpha) * zero_shot + alpha * fine_tuned`` in float32, exact at the endpoints and
-    where both tensors are equal. The inputs are not modified."""
-    zero_shot, fine_tuned = zero_shot.float(), fine_tuned.float()
-    if alpha == 0.0 or torch.equal(zero_shot, fine_tuned):
-        return zero_shot.clone()
-    if alpha == 1.0:
-        return fine_tuned.clone()
-    return zero_shot.mul(1.0 - alpha).add_(fine_tuned.mul(alpha))
-
-
-class Interpolation(MergeMethod):
-    """WiSE-FT interpolation of two ingredients, ``[zero_shot, fine_tuned]``, as a merge method.
-
-    Recorded in ``soup.json`` as method ``"wise_ft"`` with parameters ``{"alpha": alpha}``.
-    """
-
-    name = "wise_ft"
-    citation = WISE_FT_CITATION
-
-    def __init__(self, alpha: float):
-        self.alpha = check_alpha(alpha)
-
-    def check(self, num_ingredients: int) -> None:
-        if num_ingredients != 2:
-            raise InvalidWeightsError(
-                f"WiSE-FT interpolates exactly two models (zero-shot, fine-tuned); got "
-                f"{num_ingredients}"
-            )
-
-    def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
-    ) -> torch.Tensor:
-        zero_shot, fine_tuned = tensors
-        return interpolate(zero_shot(), fine_tuned(), self.alpha)
-
-    def parameters(self) -> dict:
-        return {"alpha": self.alpha}
 
 
 def _endpoints(zero_shot: IngredientLike, fine_tuned: IngredientLike) -> list[Ingredient]:
@@ -101,27 +43,34 @@ def _endpoints(zero_shot: IngredientLike, fine_tuned: IngredientLike) -> list[In
     return ingredients
 
 
-def source_recipe(ingredient: Ingredient) -> dict | None:
-    """The ``soup.json`` of an ingredient that is itself a soup (a greedy soup as the fine-tuned
-    end of WiSE-FT), so the composed recipe keeps its whole history; ``None`` otherwise."""
-    file = ingredient.path / RECIPE_FILE
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError:
-        logger.warning("%s: unreadable %s, not recorded", ingredient.name, RECIPE_FILE)
-        return None
-
-
-def endpoint_records(zero_shot: Ingredient, fine_tuned: Ingredient) -> dict:
-    """The recipe fields naming the two endpoints (and the recipes of soups among them)."""
-    record = {"zero_shot": zero_shot.record(), "fine_tuned": fine_tuned.record()}
-    for key, ingredient in (("zero_shot", zero_shot), ("fine_tuned", fine_tuned)):
-        nested = source_recipe(ingredient)
-        if nested is not None:
-            record[key]["recipe"] = nested
+def source_record(ingredient: Ingredient) -> Source:
+    """The record of an endpoint, with its own recipe when it is itself a merge (a greedy soup
+    as the fine-tuned end of WiSE-FT), so the composed recipe keeps its whole history."""
+    record = ingredient.record()
+    if (ingredient.path / RECIPE_FILE).is_file():
+        try:
+            record.recipe = Recipe.load(ingredient.path)
+        except RecipeError as error:
+            logger.warning("%s: recipe not recorded (%s)", ingredient.name, error)
     return record
+
+
+def interpolation_recipe(
+    ingredients: Sequence[Ingredient], alpha: float, dtype: torch.dtype | None, **fields
+) -> Recipe:
+    """The recipe of the model at ``alpha`` between ``ingredients = [zero_shot, fine_tuned]``;
+    ``fields`` adds to it (a :class:`~hf_soups.recipe.PatchRecord` as ``patch``, scores...)."""
+    zero_shot, fine_tuned = ingredients
+    fields.setdefault(
+        "patch",
+        PatchRecord(
+            kind="wise_ft",
+            zero_shot=source_record(zero_shot),
+            fine_tuned=source_record(fine_tuned),
+            chosen_alpha=alpha,
+        ),
+    )
+    return build_recipe(ingredients, Interpolation(alpha), None, dtype, **fields)
 
 
 def wise_ft(
@@ -131,7 +80,7 @@ def wise_ft(
     *,
     out_dir: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
-    recipe: dict | None = None,
+    recipe: Recipe | None = None,
     progress: bool = True,
     **merge_kwargs,
 ) -> nn.Module | Path:
@@ -149,7 +98,7 @@ def wise_ft(
         out_dir: write a model folder there (streaming, through :func:`hf_soups.merge.merge`)
             and return its path; when ``None``, return the interpolated model in memory.
         dtype: dtype of the floating tensors (default: the zero-shot model's).
-        recipe: extra fields for ``soup.json``.
+        recipe: the recipe to write (default: :func:`interpolation_recipe`'s).
         progress: show a progress bar while writing.
         **merge_kwargs: passed to :func:`~hf_soups.merge.merge` (``overwrite``,
             ``max_shard_size``, ``allow_non_finite``) or, in memory, to
@@ -166,14 +115,12 @@ def wise_ft(
     if out_dir is None:
         state_dict = weighted_state_dict(ingredients, method=method, dtype=dtype, **merge_kwargs)
         return load_model(ingredients[0].path, state_dict=state_dict)
-    record = endpoint_records(*ingredients)
-    record.update(recipe or {})
     return merge(
         ingredients,
         out_dir,
         method=method,
         dtype=dtype,
-        recipe=record,
+        recipe=recipe or interpolation_recipe(ingredients, method.alpha, dtype),
         progress=progress,
         **merge_kwargs,
     )

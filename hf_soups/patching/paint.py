@@ -21,14 +21,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_soups import citations
 from hf_soups.evaluation import EvalResult
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import IngredientLike
 from hf_soups.output import atomic_output_dir
-from hf_soups.patching.interpolation import Endpoints, wise_ft
+from hf_soups.patching.interpolation import (
+    Endpoints,
+    interpolation_recipe,
+    source_record,
+    wise_ft,
+)
 from hf_soups.patching.plots import PLOT_FILE, plot_sweep
 from hf_soups.patching.selection import AlphaChoice, choose_alpha
 from hf_soups.patching.sweep import EvalSet, SweepResult, check_alphas, sweep
+from hf_soups.recipe.schema import PatchRecord, Recipe, score_table
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +44,7 @@ __all__ = ["DEFAULT_ALPHAS", "PAINT_CITATION", "PatchResult", "choose_wise_ft", 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 10) for i in range(11))
 """0, 0.1, ..., 1: the grid of the PAINT and WiSE-FT papers."""
 
-PAINT_CITATION = (
-    "Ilharco et al., Patching open-vocabulary models by interpolating weights, NeurIPS 2022, "
-    "arXiv:2208.05592"
-)
+PAINT_CITATION = citations.PAINT
 
 
 @dataclass
@@ -136,22 +140,42 @@ class PatchResult:
             overwrite: replace an existing non-empty folder once the new one is complete.
             **merge_kwargs: ``dtype``, ``max_shard_size``, ``progress``, ... of ``merge``.
         """
-        recipe = {**self.to_dict(), "plots": [PLOT_FILE]}
-        citations = {"paint": PAINT_CITATION}
-        if self.kind in citations:
-            recipe["patching_citation"] = citations[self.kind]
+        dtype = merge_kwargs.get("dtype")
         with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
             wise_ft(
                 self.zero_shot,
                 self.fine_tuned,
                 self.alpha,
                 out_dir=work_dir,
-                recipe=recipe,
+                recipe=self.recipe(dtype),
                 **merge_kwargs,
             )
             self.plot(work_dir / PLOT_FILE)
         logger.info("Wrote the model at alpha=%g to %s", self.alpha, out_dir)
         return Path(out_dir)
+
+    def recipe(self, dtype: torch.dtype | None = None) -> Recipe:
+        """The :class:`~hf_soups.recipe.Recipe` of the chosen model: the interpolation, the two
+        ends, the rule, the whole sweep and the scores."""
+        record = self.to_dict()
+        patch = PatchRecord(
+            kind=self.kind,
+            zero_shot=source_record(self.zero_shot),
+            fine_tuned=source_record(self.fine_tuned),
+            chosen_alpha=self.alpha,
+            selection=record["selection"],
+            sweep=record["sweep"],
+            chosen_scores=record["chosen_scores"],
+            citation=PAINT_CITATION if self.kind == "paint" else None,
+        )
+        return interpolation_recipe(
+            [self.zero_shot, self.fine_tuned],
+            self.alpha,
+            dtype,
+            patch=patch,
+            scores=score_table(record["scores"]),
+            plots=[PLOT_FILE],
+        )
 
 
 def _short(source: str) -> str:
