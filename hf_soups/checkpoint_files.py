@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -33,8 +32,6 @@ shard indexes are kilobytes."""
 
 # Hub cache layout: <cache>/models--org--name/{blobs/<hash>, snapshots/<commit>/<file> -> blobs}.
 _HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 def readable_roots(folder: Path) -> tuple[Path, ...]:
@@ -86,26 +83,33 @@ def open_regular(path: Path) -> BinaryIO:
     return os.fdopen(descriptor, "rb")
 
 
-def check_json_depth(text: str, source: object) -> None:
-    """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH`, before a recursive parser sees it.
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a number is 0, ``[[]]`` 2)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
-    Brackets inside strings are dropped first; for text that is not JSON the count may be off,
-    but only past the point where the parser stops anyway.
+
+def check_json_depth(depth: int, source: object) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH`.
 
     Raises:
         CorruptedCheckpointError: naming ``source``.
     """
-    depth = deepest = 0
-    for bracket in _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text)):
-        if bracket in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    if deepest > MAX_JSON_DEPTH:
+    if depth > MAX_JSON_DEPTH:
         raise CorruptedCheckpointError(
-            f"{source}: JSON nested {deepest} deep, more than the {MAX_JSON_DEPTH} allowed"
+            f"{source}: JSON nested {depth} deep, more than the {MAX_JSON_DEPTH} allowed"
         )
+
+
+def too_deep(source: object) -> CorruptedCheckpointError:
+    """The error for JSON so deep that Python's parser gave up (``RecursionError``)."""
+    return CorruptedCheckpointError(f"{source}: JSON nested more than {MAX_JSON_DEPTH} deep")
 
 
 def read_json_object(file: Path, roots: Sequence[Path]) -> dict[str, Any]:
@@ -125,11 +129,13 @@ def read_json_object(file: Path, roots: Sequence[Path]) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise CorruptedCheckpointError(f"{file}: not UTF-8 text (byte {error.start})") from None
-    check_json_depth(text, file)
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError) as error:
+    except RecursionError:
+        raise too_deep(file) from None
+    except ValueError as error:
         raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})") from None
+    check_json_depth(json_depth(value), file)
     if not isinstance(value, dict):
         raise CorruptedCheckpointError(f"{file}: not a JSON object")
     return value

@@ -255,7 +255,6 @@ def complete_state_dict(
     }
 
 
-
 def plan_shards(
     template: Ingredient, dtype: torch.dtype | None, max_shard_size: int | str
 ) -> tuple[list[tuple[str, list[str]]], dict[str, dict]]:

@@ -284,6 +284,33 @@ HEADER_CASES = {
         False,
         "whole number",
     ),
+    "missing field and an unknown one": (
+        _file('{"x":{"dtype":"F32","data_offsets":[0,8],"note":1}}'),
+        False,
+        "no 'shape'",
+    ),
+    "huge integer in an unknown field": (
+        _file('{"x":{' + ENTRY + ',"note":-' + "9" * 400 + "}}"),
+        False,
+        "out of range",
+    ),
+    "integer beyond 64 bits in an unknown field": (
+        _file('{"x":{' + ENTRY + ',"note":' + "9" * 30 + "}}"),
+        True,
+        None,
+    ),
+    "minus zero in an unknown field": (_file('{"x":{' + ENTRY + ',"note":-0}}'), True, None),
+    "unknown field twice": (_file('{"x":{' + ENTRY + ',"note":1,"note":2}}'), True, None),
+    "escaped field name": (
+        _file('{"x":{"\\u0064type":"F32","shape":[2],"data_offsets":[0,8]}}'),
+        True,
+        None,
+    ),
+    "escaped field name twice": (
+        _file('{"x":{"\\u0064type":"F32",' + ENTRY + "}}"),
+        False,
+        "'dtype' given twice",
+    ),
     "missing field": (_file('{"x":{"dtype":"F32","data_offsets":[0,8]}}'), False, "no 'shape'"),
     "field twice": (_file('{"x":{"dtype":"F32",' + ENTRY + "}}"), False, "'dtype' given twice"),
     "entry null": (_file('{"x":null}'), False, "not a JSON object"),
