@@ -8,19 +8,24 @@ crash a parser. So hf_soups opens a file of a folder only when
   the repository's blob store (``models--org--name/blobs``), where the snapshot's symlinks point;
 - it is a regular file (checked on the open descriptor, so a FIFO cannot block the open).
 
-Nothing of a refused file is read, and no error message quotes a file's bytes.
+Nothing of a refused file is read, and no error message quotes a file's bytes. A merged folder
+takes from its template only the known model files of :data:`COPIED_FILES`, by content.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import stat
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from hf_soups.errors import CorruptedCheckpointError
+
+logger = logging.getLogger(__name__)
 
 MAX_JSON_DEPTH = 127
 """Deepest nesting of arrays and objects accepted in any JSON file of a checkpoint: serde_json's
@@ -139,3 +144,58 @@ def read_json_object(file: Path, roots: Sequence[Path]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CorruptedCheckpointError(f"{file}: not a JSON object")
     return value
+
+
+COPIED_FILES = frozenset(
+    {
+        # configs
+        "config.json",
+        "generation_config.json",
+        "open_clip_config.json",
+        # image, video and multimodal processors, feature extractors
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        # tokenizers and chat templates
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "tokenizer.model",
+        "chat_template.json",
+        "chat_template.jinja",
+    }
+)
+"""The files a merged folder takes from its first ingredient, besides the merged weights. Only
+these: other weight formats (ONNX, GGUF, OpenVINO, TensorFlow, Flax, pickles) would be weights
+left unmerged, and any other file may be private (notes, credentials, training state)."""
+
+
+def copy_extra_files(source: Path, destination: Path) -> None:
+    """Copy the config, processor and tokenizer files of :data:`COPIED_FILES` found in
+    ``source`` into ``destination``.
+
+    What is copied is a regular file's content, never a link: a file that resolves outside
+    ``source`` (or, for a Hub cache snapshot, its blob store) or is not a regular file is skipped
+    with a warning.
+    """
+    roots = readable_roots(source)
+    for name in sorted(COPIED_FILES):
+        file = source / name
+        if not os.path.lexists(file):
+            continue
+        if not resolves_inside(file, roots):
+            logger.warning("Not copying %s: a symlink that resolves outside %s", file, source)
+            continue
+        try:
+            handle = open_regular(file)
+        except (CorruptedCheckpointError, OSError) as error:
+            logger.warning("Not copying %s: %s", file, error)
+            continue
+        with handle, open(destination / name, "wb") as copy:
+            shutil.copyfileobj(handle, copy)
