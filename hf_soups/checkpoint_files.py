@@ -14,6 +14,7 @@ takes from its template only the known model files of :data:`COPIED_FILES`, by c
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -75,9 +76,17 @@ def open_regular(path: Path) -> BinaryIO:
     kind of file is checked on the open descriptor, so nothing can be swapped in between.
 
     Raises:
-        CorruptedCheckpointError: when ``path`` is a folder, FIFO, socket or device.
+        CorruptedCheckpointError: when ``path`` is missing (a broken symlink, say), a symlink
+            loop, a folder, FIFO, socket or device.
     """
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CorruptedCheckpointError(f"{path}: missing (a broken symlink?)") from None
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise CorruptedCheckpointError(f"{path}: a symlink loop") from None
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise CorruptedCheckpointError(f"{path}: not a regular file")

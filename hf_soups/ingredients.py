@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from hf_soups.checkpoint_files import (
     is_relative_name,
+    open_regular,
     read_json_object,
     readable_roots,
     resolves_inside,
@@ -265,9 +265,8 @@ def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[
     for file in files:
         if not resolves_inside(file, readable_roots(file.parent)):
             raise CorruptedCheckpointError(f"{file}: a symlink that resolves outside its folder")
-        # Checked before torch.load, which would block on a FIFO.
-        if not stat.S_ISREG(file.stat().st_mode):
-            raise CorruptedCheckpointError(f"{file}: not a regular file")
+        with open_regular(file):  # before torch.load, which would block on a FIFO
+            pass
         logger.warning("Loading pickle checkpoint %s with torch.load(weights_only=True)", file)
         try:
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

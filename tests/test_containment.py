@@ -214,6 +214,30 @@ def test_fifo_pickle_is_refused_without_hanging(folders):
         Ingredient.from_folder(b, allow_pickle=True)
 
 
+@pytest.mark.parametrize("link", ["broken", "loop"])
+def test_broken_and_looping_weight_symlinks_are_one_line(folders, link):
+    a, b, _, _, outputs = folders
+    weights = b / "extra.safetensors"
+    if link == "broken":
+        weights.symlink_to("gone.safetensors")
+    else:
+        weights.symlink_to("loop.safetensors")
+        (b / "loop.safetensors").symlink_to("extra.safetensors")
+    _fails(outputs, [a, b], [b, "symlink"])
+
+
+@pytest.mark.parametrize("file", ["config.json", "ingredient.json"])
+def test_config_symlinked_outside_the_folder_is_refused_unread(folders, file):
+    a, b, _, outside, outputs = folders
+    secret = outside / "private.json"
+    secret.write_text('{"model_type": "vit", "token": "hf_secret"}')
+    (b / file).unlink(missing_ok=True)
+    (b / file).symlink_to(secret)
+    with never_opened(secret):
+        message = _fails(outputs, [a, b], [b / file, "outside"])
+    assert "hf_secret" not in message
+
+
 def test_folder_named_like_weights_is_refused(folders):
     a, b, _, _, outputs = folders
     (b / "extra.safetensors").mkdir()
