@@ -116,7 +116,7 @@ def _short(text: str, limit: int = 60) -> str:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number out of range at {text[:20]}")
+        raise ValueError("number out of range")
     return value
 
 
@@ -209,7 +209,7 @@ def _entry(file: Path, name: str, raw: Any) -> _Entry:
     if raw.keys() != set(_ENTRY_FIELDS) or getattr(raw, "repeated", None):
         _check_fields(file, name, raw)
     dtype, shape, offsets = (raw[field] for field in _ENTRY_FIELDS)
-    if dtype not in _DTYPE_BITS:  # also refuses any non-string
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
         raise _malformed(file, name, f"unknown dtype {_short(str(dtype), 20)}")
     if type(shape) is not list or not all(_is_usize(dim) for dim in shape):
         raise _malformed(file, name, "shape must list integers from 0 to 2**64-1")

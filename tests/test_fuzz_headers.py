@@ -206,7 +206,9 @@ def _structured(rng, header):
         shift = rng.choice([-4, -1, 1, 4])
         entry["data_offsets"] = [max(0, offset + shift) for offset in entry["data_offsets"]]
     elif operation == 4:
-        entry["dtype"] = rng.choice(["F16", "BF16", "I16", "U16", "F32", "I32", "U32", "F64"])
+        entry["dtype"] = rng.choice(
+            ["F16", "BF16", "I16", "U16", "F32", "I32", "U32", "F64", 3, ["F32"], {}, None]
+        )
     elif operation == 5:
         del header[name]
     elif operation == 6:

@@ -121,6 +121,11 @@ HEADER_CASES = {
         False,
         "unknown dtype 'F31'",
     ),
+    "dtype list": (
+        _file('{"x":{"dtype":["F32"],"shape":[2],"data_offsets":[0,8]}}'),
+        False,
+        "unknown dtype",
+    ),
     "lower-case dtype": (
         _file('{"x":{"dtype":"f32","shape":[2],"data_offsets":[0,8]}}'),
         False,
