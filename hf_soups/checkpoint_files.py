@@ -60,6 +60,14 @@ def resolves_inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(resolved.is_relative_to(root) for root in roots)
 
 
+def outside_error(what: str) -> CorruptedCheckpointError:
+    """The error for ``what`` (a file, an index entry) resolving outside its checkpoint folder."""
+    return CorruptedCheckpointError(
+        f"{what} resolves outside the checkpoint folder; symlinks are followed only within it "
+        "(or from a Hub cache snapshot into its blobs): copy the file in instead"
+    )
+
+
 def is_relative_name(name: str) -> bool:
     """Whether ``name`` (a file name read from a checkpoint, such as a shard index entry) is a
     relative path that stays below its folder: not absolute, no ``..``, no NUL byte."""
@@ -134,7 +142,7 @@ def read_json_object(file: Path, roots: Sequence[Path]) -> dict[str, Any]:
             regular file, is larger than :data:`MAX_JSON_BYTES`, or is not a JSON object.
     """
     if not resolves_inside(file, roots):
-        raise CorruptedCheckpointError(f"{file}: a symlink that resolves outside its folder")
+        raise outside_error(f"{file}: a symlink that")
     with open_regular(file) as handle:
         raw = handle.read(MAX_JSON_BYTES + 1)
     if len(raw) > MAX_JSON_BYTES:

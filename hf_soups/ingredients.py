@@ -21,6 +21,7 @@ import torch
 from hf_soups.checkpoint_files import (
     is_relative_name,
     open_regular,
+    outside_error,
     read_json_object,
     readable_roots,
     resolves_inside,
@@ -80,7 +81,7 @@ def _shard_file(
         raise CorruptedCheckpointError(f"{where} is not a file name inside the checkpoint folder")
     shard = folder / file_name
     if not resolves_inside(shard, roots):
-        raise CorruptedCheckpointError(f"{where} resolves outside the checkpoint folder")
+        raise outside_error(where)
     if not shard.exists():
         raise CorruptedCheckpointError(f"{where} is missing")
     return shard
@@ -126,9 +127,7 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
         if file in indexed_files:
             continue
         if not resolves_inside(file, roots):
-            raise CorruptedCheckpointError(
-                f"{file}: a symlink that resolves outside the checkpoint folder"
-            )
+            raise outside_error(f"{file}: a symlink that")
         for name, info in read_safetensors_header(file, _weights_group(file.name)).items():
             if name in index:
                 raise CorruptedCheckpointError(
@@ -264,7 +263,7 @@ def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[
     index: dict[str, TensorInfo] = {}
     for file in files:
         if not resolves_inside(file, readable_roots(file.parent)):
-            raise CorruptedCheckpointError(f"{file}: a symlink that resolves outside its folder")
+            raise outside_error(f"{file}: a symlink that")
         with open_regular(file):  # before torch.load, which would block on a FIFO
             pass
         logger.warning("Loading pickle checkpoint %s with torch.load(weights_only=True)", file)
