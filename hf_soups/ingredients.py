@@ -72,10 +72,10 @@ def _read_weight_map(index_file: Path, roots: tuple[Path, ...]) -> dict[str, str
     return weight_map
 
 
-def _shard_file(
+def _check_shard(
     folder: Path, roots: tuple[Path, ...], index_file: Path, name: str, file_name: str
-) -> Path:
-    """The shard an index entry names, refused unless it lies inside the checkpoint folder."""
+) -> None:
+    """Refuse the shard an index entry names unless it lies inside the checkpoint folder."""
     where = f"{index_file}: shard {file_name!r} (holding tensor {name!r})"
     if not is_relative_name(file_name):
         raise CorruptedCheckpointError(f"{where} is not a file name inside the checkpoint folder")
@@ -84,17 +84,16 @@ def _shard_file(
         raise outside_error(where)
     if not shard.exists():
         raise CorruptedCheckpointError(f"{where} is missing")
-    return shard
 
 
 def index_folder(folder: Path) -> dict[str, TensorInfo]:
     """Index every safetensors weights file at the top of ``folder``.
 
     ``*.safetensors.index.json`` files are honoured: every tensor they list must be in the file
-    they name, a file inside the folder, and every tensor of that file must be listed. Files that no index mentions are indexed on their own
-    (open_clip keeps ``open_clip_model.safetensors``; hf_soups stores classification heads beside
-    it). Symlinks are followed only when they resolve inside the folder (or, for a Hub cache
-    snapshot, into its blob store).
+    they name, a file inside the folder, and every tensor of that file must be listed. Files that
+    no index mentions are indexed on their own (open_clip keeps ``open_clip_model.safetensors``;
+    hf_soups stores classification heads beside it). Symlinks are followed only when they resolve
+    inside the folder (or, for a Hub cache snapshot, into its blob store).
 
     Raises:
         CorruptedCheckpointError: naming the file (and the index entry or tensor) at fault.
@@ -104,25 +103,28 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
     indexed_files: set[Path] = set()
     for index_file in sorted(folder.glob("*.safetensors.index.json")):
         group = index_file.name.removesuffix(".safetensors.index.json")
-        headers: dict[str, dict[str, TensorInfo]] = {}
-        weight_map = _read_weight_map(index_file, roots)
-        for name, file_name in weight_map.items():
-            if file_name not in headers:
-                shard = _shard_file(folder, roots, index_file, name, file_name)
-                headers[file_name] = read_safetensors_header(shard, group)
-                indexed_files.add(shard)
-            if name not in headers[file_name]:
+        headers: dict[Path, dict[str, TensorInfo]] = {}
+        listed: dict[Path, set[str]] = {}
+        for name, file_name in _read_weight_map(index_file, roots).items():
+            # ./model.safetensors and model.safetensors are one shard: Path drops the ".".
+            shard = folder / file_name
+            if shard not in headers:
+                _check_shard(folder, roots, index_file, name, file_name)
+                headers[shard] = read_safetensors_header(shard, group)
+            if name not in headers[shard]:
                 raise CorruptedCheckpointError(
                     f"{index_file}: tensor {name!r} is listed in {file_name!r} but not stored there"
                 )
-            index[name] = headers[file_name][name]
-        for file_name, header in headers.items():
-            unlisted = sorted(name for name in header if weight_map.get(name) != file_name)
+            index[name] = headers[shard][name]
+            listed.setdefault(shard, set()).add(name)
+        for shard, header in headers.items():
+            unlisted = sorted(header.keys() - listed[shard])
             if unlisted:
                 raise CorruptedCheckpointError(
-                    f"{index_file}: shard {file_name!r} holds tensor {unlisted[0]!r}, which the "
+                    f"{index_file}: shard {shard.name!r} holds tensor {unlisted[0]!r}, which the "
                     "index does not list there"
                 )
+        indexed_files.update(headers)
     for file in sorted(folder.glob("*.safetensors")):
         if file in indexed_files:
             continue

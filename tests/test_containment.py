@@ -388,8 +388,8 @@ def test_equivalent_spellings_of_a_shard_name_are_one_file(folders):
     expected = weighted_reference([a, sharded], [0.5, 0.5])
     _rewrite_index(
         sharded,
-        lambda index: index["weight_map"].update(
-            {name: f"./{file}" for name, file in index["weight_map"].items()}
+        lambda index: index["weight_map"].update(  # every other entry, so both spellings mix
+            {name: f"./{file}" for name, file in list(index["weight_map"].items())[::2]}
         ),
     )
     out = merge([a, sharded], outputs / "soup", progress=False)
