@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -23,6 +22,8 @@ import torch
 
 from hf_soups.checkpoint_files import (
     is_relative_name,
+    open_regular,
+    outside_error,
     read_json_object,
     readable_roots,
     resolves_inside,
@@ -75,19 +76,18 @@ def _read_weight_map(index_file: Path, roots: tuple[Path, ...]) -> dict[str, str
     return weight_map
 
 
-def _shard_file(
+def _check_shard(
     folder: Path, roots: tuple[Path, ...], index_file: Path, name: str, file_name: str
-) -> Path:
-    """The shard an index entry names, refused unless it lies inside the checkpoint folder."""
+) -> None:
+    """Refuse the shard an index entry names unless it lies inside the checkpoint folder."""
     where = f"{index_file}: shard {file_name!r} (holding tensor {name!r})"
     if not is_relative_name(file_name):
         raise CorruptedCheckpointError(f"{where} is not a file name inside the checkpoint folder")
     shard = folder / file_name
     if not resolves_inside(shard, roots):
-        raise CorruptedCheckpointError(f"{where} resolves outside the checkpoint folder")
+        raise outside_error(where)
     if not shard.exists():
         raise CorruptedCheckpointError(f"{where} is missing")
-    return shard
 
 
 def index_folder(folder: Path, groups: Collection[str] | None = None) -> dict[str, TensorInfo]:
@@ -95,10 +95,10 @@ def index_folder(folder: Path, groups: Collection[str] | None = None) -> dict[st
     `groups` when given: a repo holding two formats is read in one).
 
     ``*.safetensors.index.json`` files are honoured: every tensor they list must be in the file
-    they name, a file inside the folder, and every tensor of that file must be listed. Files that no index mentions are indexed on their own
-    (open_clip keeps ``open_clip_model.safetensors``; hf_soups stores classification heads beside
-    it). Symlinks are followed only when they resolve inside the folder (or, for a Hub cache
-    snapshot, into its blob store).
+    they name, a file inside the folder, and every tensor of that file must be listed. Files that
+    no index mentions are indexed on their own (open_clip keeps ``open_clip_model.safetensors``;
+    hf_soups stores classification heads beside it). Symlinks are followed only when they resolve
+    inside the folder (or, for a Hub cache snapshot, into its blob store).
 
     Raises:
         CorruptedCheckpointError: naming the file (and the index entry or tensor) at fault.
@@ -110,34 +110,35 @@ def index_folder(folder: Path, groups: Collection[str] | None = None) -> dict[st
         group = index_file.name.removesuffix(".safetensors.index.json")
         if groups is not None and group not in groups:
             continue
-        headers: dict[str, dict[str, TensorInfo]] = {}
-        weight_map = _read_weight_map(index_file, roots)
-        for name, file_name in weight_map.items():
-            if file_name not in headers:
-                shard = _shard_file(folder, roots, index_file, name, file_name)
-                headers[file_name] = read_safetensors_header(shard, group)
-                indexed_files.add(shard)
-            if name not in headers[file_name]:
+        headers: dict[Path, dict[str, TensorInfo]] = {}
+        listed: dict[Path, set[str]] = {}
+        for name, file_name in _read_weight_map(index_file, roots).items():
+            # ./model.safetensors and model.safetensors are one shard: Path drops the ".".
+            shard = folder / file_name
+            if shard not in headers:
+                _check_shard(folder, roots, index_file, name, file_name)
+                headers[shard] = read_safetensors_header(shard, group)
+            if name not in headers[shard]:
                 raise CorruptedCheckpointError(
                     f"{index_file}: tensor {name!r} is listed in {file_name!r} but not stored there"
                 )
-            index[name] = headers[file_name][name]
-        for file_name, header in headers.items():
-            unlisted = sorted(name for name in header if weight_map.get(name) != file_name)
+            index[name] = headers[shard][name]
+            listed.setdefault(shard, set()).add(name)
+        for shard, header in headers.items():
+            unlisted = sorted(header.keys() - listed[shard])
             if unlisted:
                 raise CorruptedCheckpointError(
-                    f"{index_file}: shard {file_name!r} holds tensor {unlisted[0]!r}, which the "
+                    f"{index_file}: shard {shard.name!r} holds tensor {unlisted[0]!r}, which the "
                     "index does not list there"
                 )
+        indexed_files.update(headers)
     for file in sorted(folder.glob("*.safetensors")):
         if file in indexed_files or (
             groups is not None and _weights_group(file.name) not in groups
         ):
             continue
         if not resolves_inside(file, roots):
-            raise CorruptedCheckpointError(
-                f"{file}: a symlink that resolves outside the checkpoint folder"
-            )
+            raise outside_error(f"{file}: a symlink that")
         for name, info in read_safetensors_header(file, _weights_group(file.name)).items():
             if name in index:
                 raise CorruptedCheckpointError(
@@ -305,10 +306,9 @@ def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[
     index: dict[str, TensorInfo] = {}
     for file in files:
         if not resolves_inside(file, readable_roots(file.parent)):
-            raise CorruptedCheckpointError(f"{file}: a symlink that resolves outside its folder")
-        # Checked before torch.load, which would block on a FIFO.
-        if not stat.S_ISREG(file.stat().st_mode):
-            raise CorruptedCheckpointError(f"{file}: not a regular file")
+            raise outside_error(f"{file}: a symlink that")
+        with open_regular(file):  # before torch.load, which would block on a FIFO
+            pass
         logger.warning("Loading pickle checkpoint %s with torch.load(weights_only=True)", file)
         try:
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

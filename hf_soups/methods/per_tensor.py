@@ -14,7 +14,13 @@ import torch
 
 from hf_soups import citations
 from hf_soups.errors import InvalidWeightsError
-from hf_soups.methods.base import MergeMethod, TensorLoader, WeightedAverage, check_weights
+from hf_soups.methods.base import (
+    MergeMethod,
+    TensorLoader,
+    WeightedAverage,
+    check_weights,
+    first_weighted,
+)
 
 __all__ = ["PerTensorWeights"]
 
@@ -44,6 +50,10 @@ class PerTensorWeights(MergeMethod):
                 self.weights[name] = check_weights(row, num_ingredients)
             except InvalidWeightsError as error:
                 raise InvalidWeightsError(f"tensor {name!r}: {error}") from None
+
+    def buffer_source(self, num_ingredients: int) -> int:
+        rows = list(self.weights.values())
+        return first_weighted([any(row[i] for row in rows) for i in range(num_ingredients)])
 
     def merge_tensor(
         self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
