@@ -8,7 +8,6 @@ every family decides from it whether the folder is one of its checkpoints. A fam
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hf_soups.errors import CorruptedCheckpointError
+from hf_soups.checkpoint_files import read_json_object, readable_roots
 from hf_soups.models.task import ZeroShotTask
 
 __all__ = [
@@ -36,16 +35,6 @@ __all__ = [
 TRANSFORMERS_CONFIG = "config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 CONFIG_FILES = (TRANSFORMERS_CONFIG, OPEN_CLIP_CONFIG)
-
-
-def _read_json_object(file: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise CorruptedCheckpointError(f"{file}: not a JSON object")
-    return value
 
 
 @dataclass(frozen=True)
@@ -67,9 +56,12 @@ class CheckpointFiles:
     @classmethod
     def read(cls, folder: str | os.PathLike) -> CheckpointFiles:
         folder = Path(folder)
-        names = frozenset(p.name for p in folder.iterdir() if p.is_file())
+        # Every entry but folders: a FIFO or socket named like a weights file must be seen (and
+        # refused when opened), not silently skipped.
+        names = frozenset(p.name for p in folder.iterdir() if not p.is_dir())
+        roots = readable_roots(folder)
         configs = {
-            name: _read_json_object(folder / name) if name in names else None
+            name: read_json_object(folder / name, roots) if name in names else None
             for name in CONFIG_FILES
         }
         return cls(folder, names, configs[TRANSFORMERS_CONFIG], configs[OPEN_CLIP_CONFIG])
