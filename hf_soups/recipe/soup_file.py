@@ -1,4 +1,4 @@
-"""The YAML soup recipe: parse, check and run it (``hf-soups soup RECIPE.yaml``).
+"""The YAML soup recipe file: parse, check and run it (``hf-soups soup RECIPE.yaml``).
 
 A soup recipe::
 
@@ -32,7 +32,7 @@ A soup recipe::
 Values are checked by type: ``overwrite: 'false'`` (a string) is an error, not ``True``. An
 ``out`` folder outside the recipe's folder must be given as an absolute path.
 
-Eval set entries take the keys of :mod:`hf_soups.patching.recipe`'s eval sets. Merge methods
+Eval set entries take the keys of :mod:`hf_soups.recipe.files`. Merge methods
 need no ``held_out`` data; ``eval_sets`` still score them.
 """
 
@@ -48,13 +48,13 @@ from typing import Any
 
 import yaml
 
-from hf_soups.errors import HfSoupsError
+from hf_soups.errors import HfSoupsError, RecipeError
 from hf_soups.hub import check_push_access
 from hf_soups.methods import BY_NAME
 from hf_soups.methods import METHODS as MERGE_METHODS
 from hf_soups.models.task import ZeroShotTask
 from hf_soups.output import check_output_dir
-from hf_soups.patching.recipe import RecipeError, load_eval_set, read_recipe_file, resolve_path
+from hf_soups.recipe.files import load_eval_set, read_recipe_file, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,9 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
         builder.evaluate_ingredients(eval_sets)
         soup.evaluate(eval_sets)
     folder = soup.save_pretrained(out, overwrite=overwrite)
+    from hf_soups.cards import write_card
+
+    write_card(folder)
     if push:
         from hf_soups.hub import push_folder
 
