@@ -77,6 +77,15 @@ def is_relative_name(name: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts
 
 
+# O_NONBLOCK and O_CLOEXEC are POSIX, O_BINARY Windows (no newline translation): each where known.
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
 def open_regular(path: Path) -> BinaryIO:
     """Open ``path`` for binary reading if it is a regular file.
 
@@ -88,7 +97,7 @@ def open_regular(path: Path) -> BinaryIO:
             loop, a folder, FIFO, socket or device.
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        descriptor = os.open(path, _READ_FLAGS)
     except FileNotFoundError:
         raise CorruptedCheckpointError(f"{path}: missing (a broken symlink?)") from None
     except OSError as error:
