@@ -2,7 +2,7 @@
 comparisons with Holm-adjusted p-values.
 
 :func:`format_score` is the one way hf_soups writes a score, here and in model cards
-(:mod:`hf_soups.cards`): ``"91.2 (89.3–92.8)"``, in percent for accuracy-like metrics.
+(:mod:`hf_soups.cards`): ``"91.20 [89.29, 92.79]"``, in percent for accuracy-like metrics.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ def is_fraction_metric(metric: str, values: Iterable[float]) -> bool:
 
 
 def format_value(value: float, percent: bool) -> str:
-    """``91.2`` for 0.912 in percent, else four significant digits."""
-    return f"{100 * value:.1f}" if percent else f"{value:.4g}"
+    """``91.20`` for 0.912 in percent, else four significant digits."""
+    return f"{100 * value:.2f}" if percent else f"{value:.4g}"
 
 
 def format_score(
     score: Score | None, metric: str | None = None, *, percent: bool | None = None
 ) -> str:
     """One score: its value of ``metric`` (default: the primary metric) followed by the 95%
-    interval when recorded, ``"91.2 (89.3–92.8)"``; :data:`MISSING` when there is no score.
+    interval when recorded, ``"91.20 [89.29, 92.79]"``; :data:`MISSING` when there is no score.
 
     Args:
         percent: show percent; by default when the metric is accuracy-like and in [0, 1]
@@ -46,7 +46,7 @@ def format_score(
     text = format_value(value, percent)
     if interval:
         low, high = (format_value(bound, percent) for bound in interval)
-        text += f" ({low}–{high})"
+        text += f" [{low}, {high}]"
     return text
 
 

@@ -32,11 +32,11 @@ FT = {"source": "acme/clip-finetuned", "revision": "b" * 40}
 
 
 def pct(value: float) -> str:
-    return f"{100 * value:.1f}"
+    return f"{100 * value:.2f}"
 
 
 def cell(value: float, interval) -> str:
-    return f"{pct(value)} ({pct(interval[0])}–{pct(interval[1])})"
+    return f"{pct(value)} [{pct(interval[0])}, {pct(interval[1])}]"
 
 
 def section(text: str, heading: str) -> str:
