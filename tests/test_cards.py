@@ -462,11 +462,14 @@ def test_card_command(tmp_path, capsys):
     assert not (bad / "README.md").exists()
 
 
-def local_ingredient(root, name: str, license: str | None, card: bool = True):
+def local_ingredient(root, name: str, license: str | None):
+    """A local ingredient folder whose README.md declares ``license``; "no card" writes none,
+    "broken" a card whose YAML does not parse."""
     folder = root / name
     folder.mkdir()
-    if card:
-        front = f"license: {license}\n" if license else "tags: [vision]\n"
+    front = {None: "tags: [vision]\n", "broken": "license: [mit\n"}.get(license)
+    if license != "no card":
+        front = front or f"license: {license}\n"
         (folder / "README.md").write_text(f"---\n{front}---\n\n# {name}\n")
     return {"source": str(folder), "revision": None}
 
@@ -478,15 +481,13 @@ def local_ingredient(root, name: str, license: str | None, card: bool = True):
         (["mit", "apache-2.0"], None),  # they disagree
         (["mit", None], None),  # one card declares none
         (["mit", "no card"], None),  # one ingredient has no card
+        (["mit", "broken"], None),  # one card cannot be read
     ],
 )
 def test_license_is_inherited_when_every_ingredient_card_agrees(
     tmp_path, caplog, licenses, inherited
 ):
-    ingredients = [
-        local_ingredient(tmp_path, f"ft{i}", None if lic == "no card" else lic, lic != "no card")
-        for i, lic in enumerate(licenses)
-    ]
+    ingredients = [local_ingredient(tmp_path, f"ft{i}", lic) for i, lic in enumerate(licenses)]
     recipe = {"method": "weighted_average", "parameters": {"weights": [0.5, 0.5]}}
     folder = write_folder(tmp_path, {**recipe, "ingredients": ingredients})
     with caplog.at_level(logging.INFO, logger="hf_soups.cards"):
@@ -496,6 +497,22 @@ def test_license_is_inherited_when_every_ingredient_card_agrees(
         assert "No license in the card" in caplog.text
         # A license given explicitly wins.
         assert ModelCard.load(write_card(folder, license="cc-by-4.0")).data.license == "cc-by-4.0"
+
+
+def test_license_of_hub_ingredients_comes_from_their_cached_cards(tmp_path, monkeypatch):
+    """Hub ingredients' cards are read from the Hub cache, at the recorded commit."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    for source in (ZS, FT):
+        repo = "models--" + source["source"].replace("/", "--")
+        snapshot = cache / repo / "snapshots" / source["revision"]
+        snapshot.mkdir(parents=True)
+        (snapshot / "README.md").write_text("---\nlicense: mit\n---\n# clip\n")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    recipe = {"method": "wise_ft", "parameters": {"alpha": 0.5}, "ingredients": [ZS, FT]}
+    card = ModelCard.load(write_card(write_folder(tmp_path, recipe)))
+    assert card.data.license == "mit"
 
 
 VISION_TASK = {

@@ -73,7 +73,9 @@ def family_metadata(folder: Path, recipe: Recipe, repo_id: str) -> FamilyCard:
     ``repo_id``; class names and prompts come from ``recipe.task`` when recorded."""
     name, config = read_config(folder)
     task = recipe.task or {}
+    # Without a recorded task the class names are an example, and the snippet says so.
     labels = list(task.get("classnames") or ["cat", "dog"])
+    example = "" if task.get("classnames") else "  # an example: give your class names"
     templates = task.get("templates")
     template = templates[0] if isinstance(templates, list) and templates else "a photo of a {}."
     if name == OPEN_CLIP_CONFIG:
@@ -83,7 +85,9 @@ def family_metadata(folder: Path, recipe: Recipe, repo_id: str) -> FamilyCard:
             "open_clip",
             "zero-shot-image-classification",
             False,
-            _OPEN_CLIP_SNIPPET.format(repo_id=repo_id, labels=labels, template=template),
+            _OPEN_CLIP_SNIPPET.format(
+                repo_id=repo_id, labels=labels, template=template, example=example
+            ),
         )
     if name is None:
         return FamilyCard(None, None, False, None)
@@ -95,12 +99,18 @@ def family_metadata(folder: Path, recipe: Recipe, repo_id: str) -> FamilyCard:
             "transformers",
             "zero-shot-image-classification",
             False,
-            _CLIP_SNIPPET.format(repo_id=repo_id, labels=labels, template=template),
+            _CLIP_SNIPPET.format(
+                repo_id=repo_id, labels=labels, template=template, example=example
+            ),
         )
     if "CLIPVisionModel" in architectures:
         text_model = task.get("text_model") or "<the pre-trained CLIP it was fine-tuned from>"
         snippet = _CLIP_VISION_SNIPPET.format(
-            repo_id=repo_id, text_model=text_model, labels=labels, template=template
+            repo_id=repo_id,
+            text_model=text_model,
+            labels=labels,
+            template=template,
+            example=example,
         )
         return FamilyCard("transformers", None, False, snippet)
     if any(a.endswith("ForImageClassification") for a in architectures):
@@ -131,7 +141,8 @@ _CLIP_SNIPPET = """\
 from transformers import pipeline
 
 classifier = pipeline("zero-shot-image-classification", model="{repo_id}")
-print(classifier("image.png", candidate_labels={labels!r}, hypothesis_template={template!r}))
+labels = {labels!r}{example}
+print(classifier("image.png", candidate_labels=labels, hypothesis_template={template!r}))
 """
 
 _CLIP_VISION_SNIPPET = """\
@@ -141,7 +152,7 @@ from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
 vision = CLIPVisionModel.from_pretrained("{repo_id}")
 clip = CLIPModel.from_pretrained("{text_model}")  # the text tower and projections
 processor = AutoProcessor.from_pretrained("{text_model}")
-labels = {labels!r}
+labels = {labels!r}{example}
 prompts = [{template!r}.format(label) for label in labels]
 inputs = processor(text=prompts, images=image, return_tensors="pt", padding=True)
 with torch.no_grad():
@@ -158,7 +169,7 @@ import torch
 
 model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{repo_id}")
 tokenizer = open_clip.get_tokenizer("hf-hub:{repo_id}")
-labels = {labels!r}
+labels = {labels!r}{example}
 with torch.no_grad():
     image = model.encode_image(preprocess(pil_image).unsqueeze(0))
     text = model.encode_text(tokenizer([{template!r}.format(label) for label in labels]))

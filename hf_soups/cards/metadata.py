@@ -162,14 +162,14 @@ def inherited_license(recipe: Recipe) -> str | None:
             )
             return None
         try:
-            licenses[source.display_name] = ModelCard.load(
-                card, ignore_metadata_errors=True
-            ).data.license
+            declared = ModelCard.load(card, ignore_metadata_errors=True).data.license
         except (OSError, ValueError, yaml.YAMLError) as error:
             logger.info(
                 "No license in the card: %s's card is unreadable (%s)", source.display_name, error
             )
             return None
+        # One license id; a list of them (dual licensing) is for the user to choose from.
+        licenses[source.display_name] = declared if isinstance(declared, str) else None
     found = set(licenses.values())
     if len(found) == 1 and None not in found:
         return found.pop()

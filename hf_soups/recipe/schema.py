@@ -11,6 +11,7 @@ clear error rather than misread.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -222,10 +223,9 @@ class Recipe:
         """A copy fit to publish: every local source, and every name or text derived from it
         (score rows, greedy trace, comparisons), reduced to its folder's name; Hub sources are
         kept. Folder names that would collide keep as many parent folders as tell them apart."""
-        short = _public_names(_local_sources(self.to_dict()))
-        if not short:
-            return Recipe.from_dict(self.to_dict())
-        return Recipe.from_dict(_replace_strings(self.to_dict(), short))
+        data = self.to_dict()
+        short = _public_names(_local_sources(data))
+        return Recipe.from_dict(_replace_strings(data, short)) if short else copy.deepcopy(self)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
