@@ -69,7 +69,8 @@ def render_card(
     Args:
         folder: the model folder (its config and plots are looked at; nothing is written).
         recipe: the recipe; default: the folder's ``soup.json``.
-        model_name: the card's title and ``model-index`` name; default: the folder's name (its final name, for a folder being written).
+        model_name: the card's title and ``model-index`` name; default: the folder's name (the
+            name it will have, for a folder :func:`~hf_soups.output.atomic_output_dir` writes).
         repo_id: the repository the folder is published as, for the loading code; default:
             ``model_name``.
 
@@ -150,7 +151,8 @@ def write_card(
 
     Args:
         folder: a model folder holding ``soup.json``.
-        model_name: the card's title and ``model-index`` name; default: the folder's name (its final name, for a folder being written).
+        model_name: the card's title and ``model-index`` name; default: the folder's name (the
+            name it will have, for a folder :func:`~hf_soups.output.atomic_output_dir` writes).
         license: the model's license (a Hub license id such as ``"mit"``), recorded in
             ``soup.json``; default: the recorded one, else the one all ingredients' own cards
             agree on, else none (logged).
