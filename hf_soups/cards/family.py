@@ -24,6 +24,7 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_HEAD = "classifier.safetensors"
 # Classes only hf_soups defines: transformers' Auto classes would load them wrongly.
 HF_SOUPS_CLASSES = ("CLIPZeroShotClassifier",)
+ZERO_SHOT = "zero-shot-image-classification"
 
 
 @dataclass(frozen=True)
@@ -73,62 +74,45 @@ def family_metadata(folder: Path, recipe: Recipe, repo_id: str) -> FamilyCard:
     ``repo_id``; class names and prompts come from ``recipe.task`` when recorded."""
     name, config = read_config(folder)
     task = recipe.task or {}
-    # Without a recorded task the class names are an example, and the snippet says so.
-    labels = list(task.get("classnames") or ["cat", "dog"])
-    example = "" if task.get("classnames") else "  # an example: give your class names"
     templates = task.get("templates")
-    template = templates[0] if isinstance(templates, list) and templates else "a photo of a {}."
+    fill = {  # what the snippets name; each takes the fields it needs
+        "repo_id": repo_id,
+        "labels": list(task.get("classnames") or ["cat", "dog"]),
+        # Without a recorded task the class names are an example, and the snippet says so.
+        "example": "" if task.get("classnames") else "  # an example: give your class names",
+        "template": templates[0]
+        if isinstance(templates, list) and templates
+        else "a photo of a {}.",
+        "text_model": task.get("text_model") or "<the pre-trained CLIP it was fine-tuned from>",
+    }
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if name == OPEN_CLIP_CONFIG and (folder / OPEN_CLIP_HEAD).is_file():
+        return FamilyCard("open_clip", None, True, _HF_SOUPS_SNIPPET.format(**fill))
     if name == OPEN_CLIP_CONFIG:
-        if (folder / OPEN_CLIP_HEAD).is_file():
-            return FamilyCard("open_clip", None, True, _hf_soups_snippet(repo_id))
-        return FamilyCard(
-            "open_clip",
-            "zero-shot-image-classification",
-            False,
-            _OPEN_CLIP_SNIPPET.format(
-                repo_id=repo_id, labels=labels, template=template, example=example
-            ),
-        )
+        return FamilyCard("open_clip", ZERO_SHOT, False, _OPEN_CLIP_SNIPPET.format(**fill))
     if name is None:
         return FamilyCard(None, None, False, None)
-    architectures = [str(a) for a in config.get("architectures") or []]
     if any(a in HF_SOUPS_CLASSES for a in architectures):
-        return FamilyCard("transformers", None, True, _hf_soups_snippet(repo_id))
+        return FamilyCard("transformers", None, True, _HF_SOUPS_SNIPPET.format(**fill))
     if "CLIPModel" in architectures:
-        return FamilyCard(
-            "transformers",
-            "zero-shot-image-classification",
-            False,
-            _CLIP_SNIPPET.format(
-                repo_id=repo_id, labels=labels, template=template, example=example
-            ),
-        )
+        return FamilyCard("transformers", ZERO_SHOT, False, _CLIP_SNIPPET.format(**fill))
     if "CLIPVisionModel" in architectures:
-        text_model = task.get("text_model") or "<the pre-trained CLIP it was fine-tuned from>"
-        snippet = _CLIP_VISION_SNIPPET.format(
-            repo_id=repo_id,
-            text_model=text_model,
-            labels=labels,
-            template=template,
-            example=example,
-        )
-        return FamilyCard("transformers", None, False, snippet)
+        return FamilyCard("transformers", None, False, _CLIP_VISION_SNIPPET.format(**fill))
     if any(a.endswith("ForImageClassification") for a in architectures):
         return FamilyCard(
-            "transformers", "image-classification", False, _PIPELINE_SNIPPET.format(repo_id=repo_id)
+            "transformers", "image-classification", False, _PIPELINE_SNIPPET.format(**fill)
         )
     return FamilyCard("transformers", None, False, None)
 
 
-def _hf_soups_snippet(repo_id: str) -> str:
-    return (
-        "import torch\n"
-        "from hf_soups.models import load_model\n\n"
-        f'model = load_model("{repo_id}")  # a class of hf_soups: transformers alone loads it wrongly\n'
-        "with torch.no_grad():\n"
-        "    logits = model(pixel_values=pixel_values).logits\n"
-    )
+_HF_SOUPS_SNIPPET = """\
+import torch
+from hf_soups.models import load_model
 
+model = load_model("{repo_id}")  # a class of hf_soups: transformers alone loads it wrongly
+with torch.no_grad():
+    logits = model(pixel_values=pixel_values).logits
+"""
 
 _PIPELINE_SNIPPET = """\
 from transformers import pipeline
