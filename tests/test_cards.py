@@ -593,6 +593,10 @@ def test_public_recipe_names_local_folders_only():
             "scores": {p: {"test": {"metrics": {"accuracy": 0.5}}} for p in local},
             "comparisons": [{"verdict": "greedy soup vs /x/solo: +1.0 points"}],
             "command": "hf-soups merge /runs/a/ckpt /runs/b/ckpt /x/solo acme/ft --out soup",
+            "eval_sets": {
+                "test": {"dataset": "/data/digits", "split": "test"},
+                "hub": {"dataset": "ylecun/mnist", "split": "test"},
+            },
         }
     )
     public = recipe.public()
@@ -603,8 +607,12 @@ def test_public_recipe_names_local_folders_only():
     assert [step.ingredient for step in public.soup.greedy_trace] == ["a/ckpt", "b/ckpt", "solo"]
     assert public.comparisons == [{"verdict": "greedy soup vs solo: +1.0 points"}]
     assert public.command == "hf-soups merge a/ckpt b/ckpt solo acme/ft --out soup"
+    assert public.eval_sets == {
+        "test": {"dataset": "digits", "split": "test"},
+        "hub": {"dataset": "ylecun/mnist", "split": "test"},
+    }
     published = json.dumps(public.to_dict())
-    assert "/runs" not in published and "/x/" not in published
+    assert "/runs" not in published and "/x/" not in published and "/data" not in published
     assert recipe.ingredients[0].source == "/runs/a/ckpt"  # the recipe itself is unchanged
 
 

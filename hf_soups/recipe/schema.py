@@ -220,11 +220,14 @@ class Recipe:
         return path
 
     def public(self) -> Recipe:
-        """A copy fit to publish: every local source, and every name or text derived from it
-        (score rows, greedy trace, comparisons), reduced to its folder's name; Hub sources are
-        kept. Folder names that would collide keep as many parent folders as tell them apart."""
+        """A copy fit to publish: every local source and local eval-set dataset, and every name
+        or text derived from them (score rows, greedy trace, comparisons), reduced to its
+        folder's name; Hub ids are kept. Folder names that would collide keep as many parent
+        folders as tell them apart."""
         data = self.to_dict()
-        short = _public_names(_local_sources(data))
+        datasets = (info.get("dataset") for info in self.eval_sets.values())
+        local_data = {d for d in datasets if isinstance(d, str) and d.startswith(("/", "~"))}
+        short = _public_names(_local_sources(data) | local_data)
         return Recipe.from_dict(_replace_strings(data, short)) if short else copy.deepcopy(self)
 
     @classmethod
