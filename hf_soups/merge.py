@@ -20,6 +20,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hf_soups.cards import write_card
 from hf_soups.checkpoint_files import copy_extra_files
 from hf_soups.errors import (
     IncompatibleIngredientsError,
@@ -334,9 +335,19 @@ def merge(
         else:
             _check_describes(recipe, method, dtype)
         recipe.save(work_dir)
+        _write_card(work_dir)
     out_dir = Path(out_dir)
     logger.info("Merged %d ingredients into %s", len(ingredients), out_dir)
     return out_dir
+
+
+def _write_card(folder: Path) -> None:
+    """Every model folder gets its card. What the user cannot fix here (the disk) costs the
+    card, not the merge: ``hf-soups card`` writes it later."""
+    try:
+        write_card(folder)
+    except OSError as error:
+        logger.warning("No model card written (%s); write it with `hf-soups card DIR`", error)
 
 
 def build_recipe(

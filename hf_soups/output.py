@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 _TEMPORARY_MARK = ".tmp-"
 _REPLACED_MARK = ".old-"
+# ".<target name><_TEMPORARY_MARK><pid>-<8 hex digits>", as atomic_output_dir names them.
+_TEMPORARY_NAME = re.compile(rf"\.(.+){re.escape(_TEMPORARY_MARK)}\d+-[0-9a-f]{{8}}")
 
 
 def _is_nonempty(path: Path) -> bool:
@@ -157,6 +160,15 @@ def atomic_output_dir(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def final_name(folder: str | os.PathLike) -> str:
+    """The name ``folder`` has once :func:`atomic_output_dir` moves it into place: its own name,
+    or, for one of the temporary folders it yields (nested ones too), its target's."""
+    name = Path(folder).resolve().name
+    while (found := _TEMPORARY_NAME.fullmatch(name)) is not None:
+        name = found.group(1)
+    return name
 
 
 def _unique() -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hf_soups import citations
+from hf_soups.cards import write_card
 from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import (
@@ -147,6 +148,7 @@ class Soup:
                 from hf_soups.diagnostics import write_plots
 
                 write_plots(self.diagnostics, work_dir)
+                write_card(work_dir)  # again, now that the plots it links exist
         return Path(out_dir)
 
     def push_to_hub(
@@ -162,14 +164,13 @@ class Soup:
         """Save the soup with its model card and upload it to the Hub in one commit."""
         import tempfile
 
-        from hf_soups.cards import write_card
         from hf_soups.hub import check_push_access, push_folder
 
         # An unreachable Hub or a refused token is found before the merge, not after it.
         check_push_access(repo_id, private=private, token=token, revision=revision)
         with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
             folder = self.save_pretrained(Path(scratch) / "soup", progress=False)
-            write_card(folder)
+            write_card(folder, model_name=repo_id.split("/")[-1], repo_id=repo_id)
             return push_folder(
                 folder,
                 repo_id,

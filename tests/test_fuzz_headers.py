@@ -105,7 +105,12 @@ def _run_merge(a, b, outputs, capsys):
     stderr = capsys.readouterr().err
     if code == 0:
         assert os.listdir(outputs) == ["soup"]
-        assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "soup.json"]
+        assert sorted(os.listdir(out)) == [
+            "README.md",  # the model card every merge writes
+            "config.json",
+            "model.safetensors",
+            "soup.json",
+        ]
         _assert_matches(load_weights(out), weighted_reference([a, b], WEIGHTS))
         return "merged"
     assert code == 2, stderr

@@ -271,9 +271,6 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
         builder.evaluate_ingredients(eval_sets)
         soup.evaluate(eval_sets)
     folder = soup.save_pretrained(out, overwrite=overwrite)
-    from hf_soups.cards import write_card
-
-    write_card(folder)
     if push:
         from hf_soups.hub import push_folder
 

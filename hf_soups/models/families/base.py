@@ -107,10 +107,10 @@ class CardMetadata:
         snippet: Python code that loads the folder and classifies (``{repo_id}`` filled in).
     """
 
-    library_name: str
+    library_name: str | None
     pipeline_tag: str | None
     needs_hf_soups: bool
-    snippet: str
+    snippet: str | None
 
 
 class ModelFamily(ABC):

@@ -143,4 +143,6 @@ class CLIPVisionFamily(ModelFamily):
             "    logits = clip.logit_scale.exp() * image @ text.T\n"
             "print(labels[logits.argmax(-1).item()])\n"
         )
-        return CardMetadata("transformers", "image-feature-extraction", False, snippet)
+        # No pipeline tag: a feature-extraction widget would hide that this is a classifier
+        # whose head comes from another repository (the snippet shows how to build it).
+        return CardMetadata("transformers", None, False, snippet)
