@@ -36,19 +36,25 @@ need no ``held_out`` data; ``eval_sets`` still score them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hf_soups.errors import HfSoupsError
 from hf_soups.methods import METHODS as MERGE_METHODS
 from hf_soups.methods import WeightedAverage
-from hf_soups.models.task import ZeroShotTask
-from hf_soups.patching.recipe import RecipeError, load_eval_set, read_recipe_file, resolve_path
+from hf_soups.patching.recipe import (
+    RecipeError,
+    load_eval_set,
+    read_recipe_file,
+    resolve_path,
+    zero_shot_task,
+)
+
+if TYPE_CHECKING:
+    from hf_soups.models.task import ZeroShotTask
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +165,8 @@ def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _task(file: Path, raw: Mapping) -> ZeroShotTask | None:
-    if raw.get("task") is None:
-        return None
-    try:
-        task = ZeroShotTask.from_dict(raw["task"])
-    except HfSoupsError as error:
-        raise RecipeError(f"{file}: task: {error}") from None
-    if task.text_model is None:
-        return task
-    return dataclasses.replace(task, text_model=_source(task.text_model, file.parent))
+    task = raw.get("task")
+    return None if task is None else zero_shot_task(file, "task", task)
 
 
 def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bool = False):

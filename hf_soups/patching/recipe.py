@@ -18,6 +18,10 @@ An eval recipe (``wise-ft --recipe``)::
         classnames: [zero, one, two]   # label order
         templates: ["a photo of the digit {}"]
         tokenizer: null                # default: the zero-shot model's folder
+      pets:                            # any CLIP layout (CLIPModel, CLIPVisionModel, open_clip):
+        dataset: data/pets_validation  # a ZeroShotTask, the model loaded with its head
+        task: {classnames: [cat, dog], templates: openai_imagenet,
+               text_model: openai/clip-vit-base-patch32}   # text_model: vision-only models
     select:
       id: [id]                         # target sets (aliases: target, patching)
       shifted: [rotated]               # preserve sets (aliases: preserve, supported)
@@ -38,17 +42,21 @@ names its groups ``patching`` / ``supported``::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from hf_soups.errors import HfSoupsError
 from hf_soups.patching.sweep import TaskSpec
+
+if TYPE_CHECKING:
+    from hf_soups.models.task import ZeroShotTask
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ __all__ = [
     "parse_alphas",
     "read_recipe_file",
     "resolve_path",
+    "zero_shot_task",
 ]
 
 _TARGET_KEYS = ("target", "id", "patching")
@@ -74,6 +83,7 @@ _EVAL_SET_KEYS = {
     "classnames",
     "templates",
     "tokenizer",
+    "task",
 }
 _TOP_KEYS = {"eval_sets", "select", "alphas", "zero_shot", "fine_tuned", "out"}
 
@@ -147,6 +157,20 @@ def resolve_path(value: str, base: Path) -> str:
     return str(candidate) if candidate.exists() else value
 
 
+def zero_shot_task(file: Path, key: str, value: Any) -> ZeroShotTask:
+    """The :class:`~hf_soups.models.ZeroShotTask` a recipe's mapping at `key` describes; a
+    ``text_model`` folder is relative to the recipe file."""
+    from hf_soups.models.task import ZeroShotTask
+
+    try:
+        task = ZeroShotTask.from_dict(value)
+    except HfSoupsError as error:
+        raise RecipeError(f"{file}: {key}: {error}") from None
+    if task.text_model is None:
+        return task
+    return dataclasses.replace(task, text_model=resolve_path(task.text_model, file.parent))
+
+
 def default_tokenizer(model_folder: str | os.PathLike) -> Any:
     """The tokenizer saved with a model: open_clip's for an open_clip folder, else a
     transformers tokenizer (``AutoTokenizer``)."""
@@ -210,6 +234,14 @@ def load_eval_set(
         name=name,
         progress=progress,
     )
+    if spec.get("task") is not None:
+        if spec.get("classnames") is not None or spec.get("templates") is not None:
+            raise RecipeError(
+                f"{file}: eval_sets.{name}: give 'task' or 'classnames'/'templates', not both"
+            )
+        return TaskSpec(
+            evaluator, task=zero_shot_task(file, f"eval_sets.{name}.task", spec["task"])
+        )
     classnames = spec.get("classnames")
     if classnames is None:
         if spec.get("templates") is not None:
