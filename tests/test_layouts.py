@@ -305,6 +305,13 @@ def test_repos_with_both_formats_are_read_in_one_chosen_format(tmp_path, caplog,
             chosen.read(name), load_weights_of(folders[ids[0]], "open_clip_model.safetensors")[name]
         )
 
+    # Each choice is scored in its own format: the open_clip one with open_clip's text tower.
+    task = ZeroShotTask(CLASSNAMES, templates=[TEMPLATE])
+    assert type(load_model(default, task=task)).__name__ == "ZeroShotScorer"
+    scored = load_model(chosen, task=task)
+    assert type(scored).__name__ == "OpenCLIPZeroShotClassifier"
+    assert scored.label_names == list(CLASSNAMES)
+
     # Each choice merges into a folder of that format alone.
     for weights_format, kept, dropped in (
         (
