@@ -305,6 +305,13 @@ def test_repos_with_both_formats_are_read_in_one_chosen_format(tmp_path, caplog,
             chosen.read(name), load_weights_of(folders[ids[0]], "open_clip_model.safetensors")[name]
         )
 
+    # Each choice is scored in its own format: the open_clip one with open_clip's text tower.
+    task = ZeroShotTask(CLASSNAMES, templates=[TEMPLATE])
+    assert type(load_model(default, task=task)).__name__ == "ZeroShotScorer"
+    scored = load_model(chosen, task=task)
+    assert type(scored).__name__ == "OpenCLIPZeroShotClassifier"
+    assert scored.label_names == list(CLASSNAMES)
+
     # Each choice merges into a folder of that format alone.
     for weights_format, kept, dropped in (
         (
@@ -471,7 +478,7 @@ def test_yaml_soup_recipe_takes_a_zero_shot_task(tmp_path, one_thread):
     import yaml
 
     from hf_soups.commands.soup import parse_recipe, run_recipe
-    from hf_soups.patching.recipe import RecipeError
+    from hf_soups.patching.recipe import RecipeError, load_eval_set
 
     base = pretrained_clip_state()
     for i in range(2):
@@ -500,6 +507,15 @@ def test_yaml_soup_recipe_takes_a_zero_shot_task(tmp_path, one_thread):
     labels = dataset[:]["labels"].tolist()
     accuracy = np.mean([p == y for p, y in zip(predictions, labels)])
     assert soup.scores["uniform soup"]["test"]["metrics"]["accuracy"] == pytest.approx(accuracy)
+
+    # Eval sets of WiSE-FT / PAINT recipes take the same task mapping.
+    spec = {"dataset": "test_data", "task": {**recipe["task"], "text_model": "ft0"}}
+    task_spec = load_eval_set(file, "pets", spec, tmp_path)
+    assert task_spec.task == ZeroShotTask(
+        CLASSNAMES, templates=[TEMPLATE], text_model=str(tmp_path / "ft0")
+    )
+    with pytest.raises(RecipeError, match="eval_sets.pets: give 'task' or 'classnames'"):
+        load_eval_set(file, "pets", {**spec, "classnames": list(CLASSNAMES)}, tmp_path)
 
 
 def test_wise_ft_sweeps_clip_model_endpoints_with_the_task(tmp_path, one_thread):

@@ -179,7 +179,14 @@ def save_model(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool =
     from transformers import PreTrainedModel
 
     from hf_soups.models.open_clip import OpenCLIPZeroShotClassifier
+    from hf_soups.models.scoring import ZeroShotScorer
 
+    if isinstance(model, ZeroShotScorer):
+        # Its head and projection come from the task and the text model, not the checkpoint.
+        raise TypeError(
+            "a ZeroShotScorer only scores and is never saved: write CLIP soups with "
+            "Soup.save_pretrained or hf_soups.merge.merge, which keep the ingredients' layout"
+        )
     if isinstance(model, OpenCLIPZeroShotClassifier):
         return model.save_pretrained(folder, overwrite=overwrite)
     if isinstance(model, PreTrainedModel):

@@ -55,15 +55,13 @@ OpenCLIPTokenizer = Callable[[list[str]], torch.Tensor]
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    file = folder / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as error:
-        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-        raise CorruptedCheckpointError(f"{file}: no 'model_cfg' object")
+    from hf_soups.models.families.base import CheckpointFiles
+
+    config = CheckpointFiles.read(folder).open_clip_config
+    if config is None:
+        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}")
+    if not isinstance(config.get("model_cfg"), dict):
+        raise CorruptedCheckpointError(f"{folder / CONFIG_FILE}: no 'model_cfg' object")
     return config
 
 

@@ -7,7 +7,6 @@ the caller passes ``trust_remote_code=True``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -44,15 +43,11 @@ _OWN_CLASSES: dict[str, type[PreTrainedModel]] = {
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    file = folder / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as error:
-        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise CorruptedCheckpointError(f"{file}: not a JSON object")
+    from hf_soups.models.families.base import CheckpointFiles
+
+    config = CheckpointFiles.read(folder).config
+    if config is None:
+        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}")
     return config
 
 

@@ -19,6 +19,10 @@ An eval recipe (``wise-ft --recipe``)::
         classnames: [zero, one, two]   # label order
         templates: ["a photo of the digit {}"]
         tokenizer: null                # default: the zero-shot model's folder
+      pets:                            # any CLIP layout (CLIPModel, CLIPVisionModel, open_clip):
+        dataset: data/pets_validation  # a ZeroShotTask, the model loaded with its head
+        task: {classnames: [cat, dog], templates: openai_imagenet,
+               text_model: openai/clip-vit-base-patch32}   # text_model: vision-only models
     select:
       id: [id]                         # target sets (aliases: target, patching)
       shifted: [rotated]               # preserve sets (aliases: preserve, supported)
@@ -48,7 +52,7 @@ from typing import Any
 
 from hf_soups.errors import RecipeError
 from hf_soups.patching.sweep import TaskSpec
-from hf_soups.recipe.files import load_eval_set, read_recipe_file, resolve_path
+from hf_soups.recipe.files import load_eval_set, read_recipe_file, resolve_path, zero_shot_task
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ __all__ = [
     "parse_alphas",
     "read_recipe_file",
     "resolve_path",
+    "zero_shot_task",
 ]
 
 _TARGET_KEYS = ("target", "id", "patching")

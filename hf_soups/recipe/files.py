@@ -12,10 +12,14 @@ An eval set entry (``held_out``, and each of ``eval_sets``)::
     classnames: [zero, one, two]     # a task with its own zero-shot head (PAINT), label order
     templates: ["a photo of the digit {}"]
     tokenizer: null                  # default: the zero-shot model's folder
+    task: {classnames: [cat, dog], templates: openai_imagenet, text_model: org/clip}
+                                     # instead of classnames/templates: any CLIP layout scored
+                                     # with a ZeroShotTask (text_model: vision-only models)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,12 +27,19 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hf_soups.errors import RecipeError
+from hf_soups.errors import HfSoupsError, RecipeError
 
 if TYPE_CHECKING:
+    from hf_soups.models.task import ZeroShotTask
     from hf_soups.patching.sweep import TaskSpec
 
-__all__ = ["default_tokenizer", "load_eval_set", "read_recipe_file", "resolve_path"]
+__all__ = [
+    "default_tokenizer",
+    "load_eval_set",
+    "read_recipe_file",
+    "resolve_path",
+    "zero_shot_task",
+]
 
 _EVAL_SET_KEYS = {
     "dataset",
@@ -40,6 +51,7 @@ _EVAL_SET_KEYS = {
     "classnames",
     "templates",
     "tokenizer",
+    "task",
 }
 
 
@@ -61,6 +73,20 @@ def resolve_path(value: str, base: Path) -> str:
     """A path relative to the recipe's folder when it exists there, else as written (Hub id)."""
     candidate = base / os.path.expanduser(value)
     return str(candidate) if candidate.exists() else value
+
+
+def zero_shot_task(file: Path, key: str, value: Any) -> ZeroShotTask:
+    """The :class:`~hf_soups.models.ZeroShotTask` a recipe's mapping at `key` describes; a
+    ``text_model`` folder is relative to the recipe file."""
+    from hf_soups.models.task import ZeroShotTask
+
+    try:
+        task = ZeroShotTask.from_dict(value)
+    except HfSoupsError as error:
+        raise RecipeError(f"{file}: {key}: {error}") from None
+    if task.text_model is None:
+        return task
+    return dataclasses.replace(task, text_model=resolve_path(task.text_model, file.parent))
 
 
 def default_tokenizer(model_folder: str | os.PathLike) -> Any:
@@ -127,6 +153,14 @@ def load_eval_set(
         name=name,
         progress=progress,
     )
+    if spec.get("task") is not None:
+        if spec.get("classnames") is not None or spec.get("templates") is not None:
+            raise RecipeError(
+                f"{file}: eval_sets.{name}: give 'task' or 'classnames'/'templates', not both"
+            )
+        return TaskSpec(
+            evaluator, task=zero_shot_task(file, f"eval_sets.{name}.task", spec["task"])
+        )
     classnames = spec.get("classnames")
     if classnames is None:
         if spec.get("templates") is not None:

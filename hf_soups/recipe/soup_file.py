@@ -38,7 +38,6 @@ need no ``held_out`` data; ``eval_sets`` still score them.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import os
@@ -48,13 +47,13 @@ from typing import Any
 
 import yaml
 
-from hf_soups.errors import HfSoupsError, RecipeError
+from hf_soups.errors import RecipeError
 from hf_soups.hub import check_push_access
 from hf_soups.methods import BY_NAME
 from hf_soups.methods import METHODS as MERGE_METHODS
 from hf_soups.models.task import ZeroShotTask
 from hf_soups.output import check_output_dir
-from hf_soups.recipe.files import load_eval_set, read_recipe_file, resolve_path
+from hf_soups.recipe.files import load_eval_set, read_recipe_file, resolve_path, zero_shot_task
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +120,8 @@ def _source(value: str, base: Path) -> str:
 
 
 def _task(file: Path, raw: Mapping) -> ZeroShotTask | None:
-    if raw.get("task") is None:
-        return None
-    try:
-        task = ZeroShotTask.from_dict(raw["task"])
-    except HfSoupsError as error:
-        raise RecipeError(f"{file}: task: {error}") from None
-    if task.text_model is None:
-        return task
-    return dataclasses.replace(task, text_model=_source(task.text_model, file.parent))
+    task = raw.get("task")
+    return None if task is None else zero_shot_task(file, "task", task)
 
 
 def _check_types(file: Path, raw: Mapping) -> None:

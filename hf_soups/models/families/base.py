@@ -12,7 +12,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,10 +80,6 @@ class CheckpointFiles:
     def model_type(self) -> str | None:
         return (self.config or {}).get("model_type")
 
-    def matching(self, patterns: tuple[str, ...]) -> list[str]:
-        """The file names that match any of the glob `patterns`, sorted."""
-        return sorted(n for n in self.names if any(fnmatch(n, p) for p in patterns))
-
 
 def group_patterns(group: str) -> tuple[str, ...]:
     """File-name globs of a safetensors weights group: single file, shards, shard index."""
@@ -130,8 +125,6 @@ class ModelFamily(ABC):
     """Safetensors weight groups (``model`` for ``model.safetensors`` and its shards)."""
     pickle_files: ClassVar[tuple[str, ...]]
     """Globs of the pickle weights, used only behind ``allow_pickle``."""
-    needs_task: ClassVar[bool] = False
-    """Scoring needs a :class:`ZeroShotTask` (the model has no classification head)."""
 
     @abstractmethod
     def matches(self, files: CheckpointFiles) -> bool:

@@ -74,7 +74,6 @@ class CLIPVisionFamily(ModelFamily):
     config_file = TRANSFORMERS_CONFIG
     weight_groups = ("model",)
     pickle_files = TRANSFORMERS_PICKLES
-    needs_task = True
 
     def matches(self, files: CheckpointFiles) -> bool:
         if files.config is None:

@@ -19,7 +19,7 @@ from hf_soups.models.families.base import (
     CheckpointFiles,
     ModelFamily,
 )
-from hf_soups.models.labels import names_from_id2label
+from hf_soups.models.labels import check_task_matches, names_from_id2label
 from hf_soups.models.task import ZeroShotTask
 
 TRANSFORMERS_PICKLES = (
@@ -29,11 +29,11 @@ TRANSFORMERS_PICKLES = (
 )
 
 
-def check_task_labels(model: nn.Module, names: list[str] | None, task: ZeroShotTask | None):
+def check_task_labels(
+    model: nn.Module, names: list[str] | None, task: ZeroShotTask | None
+) -> nn.Module:
     """Set ``model.label_names``; a task given for a model with its own head must name the same
     classes in the same order."""
-    from hf_soups.models.labels import check_task_matches
-
     if task is not None:
         check_task_matches(names, task, model_name=type(model).__name__)
     model.label_names = names
