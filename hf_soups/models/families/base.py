@@ -80,6 +80,15 @@ class CheckpointFiles:
     def model_type(self) -> str | None:
         return (self.config or {}).get("model_type")
 
+    def names_model(self, architecture: str, model_type: str) -> bool:
+        """Whether ``config.json`` names this transformers class (or, when it names no class,
+        this ``model_type``)."""
+        if self.config is None:
+            return False
+        if self.architecture is not None:
+            return self.architecture == architecture
+        return self.model_type == model_type
+
 
 def group_patterns(group: str) -> tuple[str, ...]:
     """File-name globs of a safetensors weights group: single file, shards, shard index."""

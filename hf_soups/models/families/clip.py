@@ -51,12 +51,7 @@ class CLIPFamily(ModelFamily):
     pickle_files = TRANSFORMERS_PICKLES
 
     def matches(self, files: CheckpointFiles) -> bool:
-        if files.config is None:
-            return False
-        architecture = files.architecture
-        return architecture == ARCHITECTURE or (
-            architecture is None and files.model_type == MODEL_TYPE
-        )
+        return files.names_model(ARCHITECTURE, MODEL_TYPE)
 
     def load_classifier(
         self,
