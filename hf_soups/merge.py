@@ -13,7 +13,8 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -331,6 +332,19 @@ def copy_extra_files(source: Path, destination: Path, *, keep_existing: bool = F
             shutil.copyfileobj(handle, copy)
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread for a merge's element-wise passes, which are bound by memory
+    bandwidth: on a 2-core machine with any other busy process, torch's default of 2 OpenMP
+    threads made a ViT-B/32 merge 5-8x slower (benchmarks/README.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def merge(
     ingredients: Sequence[IngredientLike],
     out_dir: str | os.PathLike,
@@ -388,18 +402,19 @@ def merge(
             (file_name, names, plan_safetensors(_planned(template, names, dtype), SAVE_METADATA))
             for file_name, names in shards
         ]
-        for file_name, names, layout in layouts:
-            with SafetensorsWriter(work_dir / file_name, layout) as writer:
-                for name, tensor in merged_tensors(
-                    ingredients,
-                    method,
-                    names,
-                    base=base,
-                    dtype=dtype,
-                    allow_non_finite=allow_non_finite,
-                ):
-                    writer.write(name, tensor)
-                    bar.update()
+        with _one_torch_thread():
+            for file_name, names, layout in layouts:
+                with SafetensorsWriter(work_dir / file_name, layout) as writer:
+                    for name, tensor in merged_tensors(
+                        ingredients,
+                        method,
+                        names,
+                        base=base,
+                        dtype=dtype,
+                        allow_non_finite=allow_non_finite,
+                    ):
+                        writer.write(name, tensor)
+                        bar.update()
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copy_extra_files(template.path, work_dir)

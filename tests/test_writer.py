@@ -183,3 +183,14 @@ def test_a_merged_tensor_is_written_before_the_next_is_computed(tmp_path, monkey
     out = merge(folders, tmp_path / "soup", progress=False)
     assert len(most_alive) == len(load_weights(out)) > 10
     assert max(most_alive) <= 1
+
+
+def test_a_merge_leaves_torch_thread_count_as_it_was(tmp_path):
+    folders = [make_vit_folder(tmp_path / f"v{i}", i) for i in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merge(folders, tmp_path / "soup", progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
