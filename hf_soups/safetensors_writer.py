@@ -26,8 +26,9 @@ import torch
 
 from hf_soups.safetensors_io import SAFETENSORS_DTYPES
 
-# safetensors' Dtype enum from its last member to its first (checked against save_file by
-# tests/test_writer.py): the order tensors are laid out in, most aligned first.
+# safetensors' Dtype enum from its last member to its first, less the dtypes hf_soups does not
+# read (checked against save_file by tests/test_writer.py): the order tensors are laid out in,
+# most aligned first.
 _LAYOUT_ORDER = (
     "U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
     "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL",
