@@ -1,9 +1,9 @@
 """The streaming merge engine: tensor by tensor, float32 accumulation, sharded atomic output.
 
-Memory stays at about one output shard plus the tensors in flight, whatever the number of
-ingredients: each output tensor is computed from loaders that read one ingredient's tensor at a
-time (see :class:`~hf_soups.methods.base.MergeMethod`), and each finished shard is written and
-dropped before the next is started.
+Memory stays at the tensors in flight, whatever the number of ingredients or the size of the
+model: each output tensor is computed from loaders that read one ingredient's tensor at a time
+(see :class:`~hf_soups.methods.base.MergeMethod`), and written to its place in its output file
+(planned up front, see :mod:`hf_soups.safetensors_writer`) as soon as it is computed.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hf_soups.cards import write_card
@@ -40,6 +40,7 @@ from hf_soups.methods.base import (
 )
 from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
+from hf_soups.safetensors_writer import SafetensorsWriter, plan_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -256,10 +257,37 @@ def plan_shards(
     return shards, indexes
 
 
+SAVE_METADATA = {"format": "pt"}
+"""The metadata of every weights file written, as ``save_pretrained`` writes it."""
+
+
+def _planned(
+    template: Ingredient, names: Sequence[str], dtype: torch.dtype | None
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The output ``(dtype, shape)`` of each of ``names``, as :func:`merged_tensors` yields it."""
+    return {
+        name: (_cast_dtype(template.tensors[name], dtype), template.tensors[name].shape)
+        for name in names
+    }
+
+
 def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
     """The output dtype of a tensor: ``dtype`` (default: as stored) for floating tensors;
     integer and boolean buffers keep theirs."""
     return (dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread for a merge's element-wise passes, which are bound by memory
+    bandwidth: on a 2-core machine with any other busy process, torch's default of 2 OpenMP
+    threads made a ViT-B/32 merge 5-8x slower (benchmarks/README.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def merge(
@@ -313,20 +341,25 @@ def merge(
             total=len(template.tensors), desc="Merging", unit="tensor", disable=not progress
         ) as bar,
     ):
-        for file_name, names in shards:
-            shard = {}
-            for name, tensor in merged_tensors(
-                ingredients,
-                method,
-                names,
-                base=base,
-                dtype=dtype,
-                allow_non_finite=allow_non_finite,
-            ):
-                shard[name] = tensor.contiguous()
-                bar.update()
-            save_file(shard, work_dir / file_name, metadata={"format": "pt"})
-            del shard
+        # Every file's header is planned before any tensor is computed; each merged tensor is
+        # then written to its place at once, so only the tensors in flight are in memory.
+        layouts = [
+            (file_name, names, plan_safetensors(_planned(template, names, dtype), SAVE_METADATA))
+            for file_name, names in shards
+        ]
+        with _one_torch_thread():
+            for file_name, names, layout in layouts:
+                with SafetensorsWriter(work_dir / file_name, layout) as writer:
+                    for name, tensor in merged_tensors(
+                        ingredients,
+                        method,
+                        names,
+                        base=base,
+                        dtype=dtype,
+                        allow_non_finite=allow_non_finite,
+                    ):
+                        writer.write(name, tensor)
+                        bar.update()
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copy_extra_files(template.path, work_dir, exclude=template.foreign_files)

@@ -366,15 +366,16 @@ def test_failure_while_writing_leaves_nothing(setup, monkeypatch, failure, overw
         previous = merge([a, b], outputs / "soup", weights=[1, 0], progress=False)
         before = load_weights(previous)
     calls = []
-    real_save_file = merge_module.save_file
 
-    def save_file_failing_on_second_shard(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise failure
-        return real_save_file(*args, **kwargs)
+    class WriterFailingOnSecondShard(merge_module.SafetensorsWriter):
+        def write(self, name, tensor):
+            if self.path not in calls:
+                calls.append(self.path)
+            if len(calls) == 2:  # the second file exists, its header written, no tensor yet
+                raise failure
+            super().write(name, tensor)
 
-    monkeypatch.setattr(merge_module, "save_file", save_file_failing_on_second_shard)
+    monkeypatch.setattr(merge_module, "SafetensorsWriter", WriterFailingOnSecondShard)
     listing = sorted(os.listdir(outputs))
     with pytest.raises(type(failure)):
         merge([a, b], outputs / "soup", max_shard_size="8KB", overwrite=overwrite, progress=False)

@@ -25,6 +25,7 @@ from tiny import (
 
 from hf_soups.cli import main
 from hf_soups.errors import IncompatibleIngredientsError
+from hf_soups.safetensors_writer import SafetensorsWriter
 
 
 @pytest.fixture(scope="module")
@@ -325,15 +326,18 @@ def test_a_symlinked_output_is_replaced_without_leftovers(folders, tmp_path):
 
 
 def _fail_on_second_shard(error: BaseException):
-    calls = []
+    """A weights writer that fails on its first tensor of the second shard file."""
+    files = []
 
-    def save_file_then_fail(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
-            raise error
-        save_file(tensors, path, metadata=metadata)
+    class WriterThenFail(SafetensorsWriter):
+        def write(self, name, tensor):
+            if self.path not in files:
+                files.append(self.path)
+            if len(files) == 2:
+                raise error
+            super().write(name, tensor)
 
-    return save_file_then_fail
+    return WriterThenFail
 
 
 @pytest.mark.parametrize(
@@ -361,7 +365,7 @@ def test_interrupt_and_full_disk_are_one_line_and_leave_nothing(
     folders, monkeypatch, capsys, error, code, message
 ):
     a, b, outputs = folders
-    monkeypatch.setattr("hf_soups.merge.save_file", _fail_on_second_shard(error))
+    monkeypatch.setattr("hf_soups.merge.SafetensorsWriter", _fail_on_second_shard(error))
     args = ["merge", str(a), str(b), "--out", str(outputs / "soup"), "--max-shard-size", "10KB"]
     assert main(args) == code
     lines = capsys.readouterr().err.strip().splitlines()
@@ -395,12 +399,12 @@ KILLED_RUNNER = """
 import sys, time
 from pathlib import Path
 import hf_soups.merge
-real_save_file = hf_soups.merge.save_file
-def save_file_then_hang(tensors, path, metadata=None):
-    real_save_file(tensors, path, metadata=metadata)
-    Path(sys.argv[1]).write_text("one shard written")
-    time.sleep(600)
-hf_soups.merge.save_file = save_file_then_hang
+class WriterThenHang(hf_soups.merge.SafetensorsWriter):
+    def __exit__(self, *error):
+        super().__exit__(*error)
+        Path(sys.argv[1]).write_text("one shard written")
+        time.sleep(600)
+hf_soups.merge.SafetensorsWriter = WriterThenHang
 from hf_soups.cli import main
 main(sys.argv[2:])
 """
