@@ -66,3 +66,12 @@ class UnpairedResultsError(HfSoupsError, ValueError):
 
 class OutputOverlapsInputError(HfSoupsError, ValueError):
     """The output folder is, contains or lies inside an input (or the Hub cache): refused."""
+
+
+class MainProcessError(HfSoupsError):
+    """Work the main process did for every process of a launched run (a save, a push) failed;
+    raised on the other processes with the main process's error."""
+
+
+class ProcessesDisagreeError(HfSoupsError):
+    """The processes of a launched run took different decisions (greedy's kept set, an alpha)."""

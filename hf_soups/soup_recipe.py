@@ -138,6 +138,7 @@ def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bool = False):
     """Build, score, save (and optionally push) the soup a recipe describes; returns the Soup."""
+    from hf_soups.distributed import on_main_process
     from hf_soups.learned import fit_mixing_coefficients
     from hf_soups.soup import SoupBuilder
 
@@ -195,16 +196,21 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
         builder.evaluate_ingredients(eval_sets)
         soup.evaluate(eval_sets)
     folder = soup.save_pretrained(out, overwrite=overwrite or bool(raw.get("overwrite")))
+    push = _section(file, raw, "push_to_hub")
+    on_main_process(_publish, soup, folder, push)
+    return soup
+
+
+def _publish(soup, folder: Path, push: dict) -> None:
+    """Card, report and push: once, on the main process under ``accelerate launch``."""
     from hf_soups.cards import write_card
 
     write_card(folder)
     print(soup.report())
-    push = _section(file, raw, "push_to_hub")
     if push:
         from hf_soups.push import push_folder
 
         push_folder(folder, push.pop("repo_id"), **push)
-    return soup
 
 
 def load_held_out(path: str | os.PathLike):

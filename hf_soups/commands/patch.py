@@ -51,5 +51,4 @@ def run(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     path = result.save_pretrained(out, **output_kwargs(args))
-    report(result)
-    print(f"Wrote the patched model (alpha={result.alpha:g}) to {path}")
+    report(result, f"Wrote the patched model (alpha={result.alpha:g}) to {path}")

@@ -1,0 +1,106 @@
+"""The README's quick start and a WiSE-FT sweep, alone or under ``accelerate launch``.
+
+Launched by tests/test_multiprocess.py with 2 CPU processes (gloo), and run once more as a
+plain single process; the test compares what both wrote. ``--mode soups``: greedy soup ->
+``save_pretrained`` -> ``push_to_hub`` (to the stand-in Hub named by ``HF_ENDPOINT``), then
+``choose_wise_ft`` -> ``save_pretrained``. ``--mode fail``: the processes disagree on a decision
+(caught), then the main process's save fails (not caught). Every process writes what it saw to
+``<out>/process<i>.json`` and prints ``process <i> raised <Error>: <message>`` for an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from hf_soups import Evaluator, SoupBuilder
+from hf_soups.distributed import check_agreement
+from hf_soups.patching import choose_wise_ft
+
+IMAGE_SIZE, NUM_LABELS = 16, 3  # tests/tiny.py's VIT_CONFIG
+
+
+def make_dataset(n: int, seed: int) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    return datasets.Dataset.from_dict(
+        {
+            "pixel_values": rng.normal(size=(n, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32),
+            "labels": rng.integers(0, NUM_LABELS, size=n),
+        }
+    )
+
+
+def soups(args, accelerator: Accelerator) -> dict:
+    def evaluator(seed: int) -> Evaluator:
+        return Evaluator(
+            make_dataset(args.n, seed), batch_size=4, accelerator=accelerator, progress=False
+        )
+
+    # The quick start, as the README writes it.
+    builder = SoupBuilder.from_hub(args.ingredients)
+    held_out = evaluator(seed=1)
+    soup = builder.greedy(held_out)
+    saved = soup.save_pretrained(args.out / "greedy-soup", progress=False)
+    commit = soup.push_to_hub(args.repo_id)
+    # WiSE-FT between the first ingredient and the soup, alpha chosen on held-out data.
+    result = choose_wise_ft(
+        args.ingredients[0],
+        saved,
+        in_distribution={"val": held_out},
+        shifted={"val_shift": evaluator(seed=2)},
+        alphas=[0.0, 0.5, 1.0],
+        progress=False,
+    )
+    wise_ft_saved = result.save_pretrained(args.out / "wise-ft", progress=False)
+    return {
+        "kept": [ingredient.name for ingredient in soup.ingredients],
+        "saved": str(saved),
+        "commit": commit.oid,
+        "alpha": result.alpha,
+        "wise_ft_saved": str(wise_ft_saved),
+    }
+
+
+def fail(args, accelerator: Accelerator) -> dict:
+    seen = {}
+    try:
+        check_agreement({"alpha": 0.5 * accelerator.process_index}, "a test decision")
+    except Exception as error:
+        seen["disagreement"] = f"{type(error).__name__}: {error}"
+    (args.out / f"process{accelerator.process_index}.json").write_text(json.dumps(seen))
+    # args.out already holds this file: the main process's save refuses to overwrite it.
+    SoupBuilder.from_hub(args.ingredients).uniform().save_pretrained(args.out, progress=False)
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["soups", "fail"], required=True)
+    parser.add_argument("--ingredients", nargs="+", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--repo-id", default="acme/greedy-soup")
+    parser.add_argument("--n", type=int, default=21)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    try:
+        seen = {"soups": soups, "fail": fail}[args.mode](args, accelerator)
+    except Exception as error:
+        print(f"process {rank} raised {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise
+    seen["num_processes"] = accelerator.num_processes
+    (args.out / f"process{rank}.json").write_text(json.dumps(seen))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

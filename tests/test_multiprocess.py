@@ -1,0 +1,199 @@
+"""Soups, WiSE-FT, saves and pushes under a real `accelerate launch` of 2 CPU processes (gloo).
+
+tests/distributed_soup.py runs the README quick start (greedy soup, save, push to a stand-in Hub)
+and a WiSE-FT sweep with `choose_wise_ft`; it is run once launched on 2 processes and once as a
+plain single process, and both must write the same folders and push one commit each. A launch
+whose main process fails to save must end every process with that error, not hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from launch import ACCELERATE_LAUNCH
+from safetensors.torch import load_file, save_file
+from test_push import TOKEN, StandInHub
+from tiny import assert_matches_reference, load_weights, make_vit_folder, weighted_reference
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "distributed_soup.py"
+# What a launch needs beyond its flags: no GPU, no accelerate config file from this machine.
+ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+gpu_ids: all
+rdzv_backend: static
+same_network: true
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(tmp_path: Path, processes: int, script_args: list[str], hub_url: str = ""):
+    """Start the script alone (``processes=1``) or under ``accelerate launch``."""
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "0" if hub_url else "1",
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": TOKEN,
+        "HF_TOKEN_PATH": str(tmp_path / "no-token"),
+    }
+    command = [sys.executable, str(SCRIPT), *script_args]
+    if processes > 1:
+        config = tmp_path / "accelerate.yaml"
+        config.write_text(ACCELERATE_CONFIG)
+        command = [
+            *ACCELERATE_LAUNCH, "--config_file", str(config), "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), *command[1:],
+        ]  # fmt: skip
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"no exit within {timeout} s:\n{err[-3000:]}")
+    return process.returncode, out + err
+
+
+def make_ingredients(root: Path, count: int = 3) -> list[str]:
+    """Fine-tunes of one start: the start's weights plus small noise, so greedy can keep some."""
+    folders = []
+    for i in range(count):
+        folder = make_vit_folder(root / f"ft{i}", seed=0)
+        generator = torch.Generator().manual_seed(100 + i)
+        weights = load_file(folder / "model.safetensors")
+        noisy = {
+            name: tensor + 0.3 * tensor.std() * torch.randn(tensor.shape, generator=generator)
+            if tensor.is_floating_point() and tensor.numel() > 1
+            else tensor
+            for name, tensor in weights.items()
+        }
+        save_file(noisy, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(str(folder))
+    return folders
+
+
+def folder_files(folder: Path, run_dir: Path) -> dict[str, object]:
+    """Every file's bytes; ``soup.json`` parsed, its environment dropped and the run's own
+    folder (where the WiSE-FT end, the soup, was saved) named ``<out>``."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            files[path.relative_to(folder).as_posix()] = path.read_bytes()
+    return with_comparable_recipe(files, str(run_dir))
+
+
+def with_comparable_recipe(files: dict, run_dir: str) -> dict:
+    recipe = json.loads(files["soup.json"].decode().replace(run_dir, "<out>"))
+    recipe.pop("environment")
+    return {**files, "soup.json": recipe}
+
+
+@pytest.mark.timeout(400)
+def test_quick_start_and_wise_ft_on_two_processes_equal_one_process(tmp_path):
+    ingredients = make_ingredients(tmp_path / "ingredients")
+    hubs = {1: StandInHub(), 2: StandInHub()}
+    try:
+        runs = {}
+        for processes, hub in hubs.items():
+            out = tmp_path / f"out{processes}"
+            args = ["--mode", "soups", "--ingredients", *ingredients, "--out", str(out)]
+            runs[processes] = (start(tmp_path, processes, args, hub.url), out)
+        started = time.monotonic()
+        for processes, (process, _) in runs.items():
+            code, output = finish(process, timeout=360)
+            assert code == 0, f"{processes} process(es):\n{output[-4000:]}"
+        print(f"both runs: {time.monotonic() - started:.1f} s")
+        seen = {
+            processes: [
+                json.loads((out / f"process{i}.json").read_text()) for i in range(processes)
+            ]
+            for processes, (_, out) in runs.items()
+        }
+        commits = {processes: hub.commits for processes, hub in hubs.items()}
+    finally:
+        for hub in hubs.values():
+            hub.close()
+
+    single, (rank0, rank1) = seen[1][0], seen[2]
+    assert single["num_processes"] == 1 and rank0["num_processes"] == rank1["num_processes"] == 2
+    # Every process got the main process's path and commit, and took the same decisions.
+    for key in ("kept", "saved", "commit", "alpha", "wise_ft_saved"):
+        assert rank0[key] == rank1[key], key
+    assert rank0["kept"] == single["kept"] and rank0["alpha"] == single["alpha"]
+    # One commit per run (not one per process), holding the same files.
+    assert [len(commits[1]), len(commits[2])] == [1, 1]
+    assert commits[2][0]["revision"] == "main" and rank0["commit"] != ""
+    pushed = {
+        processes: with_comparable_recipe(dict(commits[processes][0]["files"]), "<none>")
+        for processes in (1, 2)
+    }
+    assert "README.md" in pushed[2] and "model.safetensors" in pushed[2]
+    assert pushed[2] == pushed[1]
+    # The same folders, byte for byte (the recipe apart from its environment).
+    out1, out2 = runs[1][1], runs[2][1]
+    for name in ("greedy-soup", "wise-ft"):
+        assert folder_files(out2 / name, out2) == folder_files(out1 / name, out1), name
+    assert pushed[2]["model.safetensors"] == (out2 / "greedy-soup/model.safetensors").read_bytes()
+    # And the soup is the plain average of the ingredients greedy kept.
+    kept = [folder for folder in ingredients if any(folder.endswith(k) for k in rank0["kept"])]
+    assert len(kept) == len(rank0["kept"])
+    reference = weighted_reference(kept, [1 / len(kept)] * len(kept))
+    assert_matches_reference(load_weights(out2 / "greedy-soup"), reference)
+    # Nothing left beside the outputs (no second process's temporary folder).
+    assert sorted(p.name for p in out2.iterdir()) == [
+        "greedy-soup",
+        "process0.json",
+        "process1.json",
+        "wise-ft",
+    ]
+
+
+@pytest.mark.timeout(200)
+def test_a_failed_save_on_the_main_process_ends_every_process_with_its_error(tmp_path):
+    ingredients = make_ingredients(tmp_path / "ingredients", count=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--mode", "fail", "--ingredients", *ingredients, "--out", str(out)]
+    started = time.monotonic()
+    code, output = finish(start(tmp_path, 2, args), timeout=150)
+    print(f"failing launch: {time.monotonic() - started:.1f} s")
+
+    assert code != 0
+    message = f"{out}: already exists and is not empty"
+    for rank in (0, 1):
+        assert f"process {rank} raised OutputExistsError: {message}" in output, output[-4000:]
+        # A disagreement is found by every process, and names every process's value.
+        seen = json.loads((out / f"process{rank}.json").read_text())
+        assert seen["disagreement"] == (
+            "ProcessesDisagreeError: processes disagree on a test decision: process 0: "
+            '{"alpha": 0.0}; process 1: {"alpha": 0.5}'
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["process0.json", "process1.json"]
+    assert not list(tmp_path.glob(".out.tmp-*"))
