@@ -3,7 +3,8 @@
 Launched by tests/test_multiprocess.py with 2 CPU processes (gloo), and run once more as a
 plain single process; the test compares what both wrote. ``--mode soups``: greedy soup ->
 ``save_pretrained`` -> ``push_to_hub`` (to the stand-in Hub named by ``HF_ENDPOINT``), then
-``choose_wise_ft`` -> ``save_pretrained``. ``--mode fail``: the processes disagree on a decision
+``choose_wise_ft`` -> ``save_pretrained``, on the datasets ``<data>/validation`` and
+``<data>/shifted``. ``--mode fail``: the processes disagree on a decision
 (caught), then the main process's save fails (not caught). Every process writes what it saw to
 ``<out>/process<i>.json`` and prints ``process <i> raised <Error>: <message>`` for an error.
 """
@@ -16,7 +17,6 @@ import sys
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -24,28 +24,15 @@ from hf_soups import Evaluator, SoupBuilder
 from hf_soups.distributed import check_agreement
 from hf_soups.patching import choose_wise_ft
 
-IMAGE_SIZE, NUM_LABELS = 16, 3  # tests/tiny.py's VIT_CONFIG
-
-
-def make_dataset(n: int, seed: int) -> datasets.Dataset:
-    rng = np.random.default_rng(seed)
-    return datasets.Dataset.from_dict(
-        {
-            "pixel_values": rng.normal(size=(n, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32),
-            "labels": rng.integers(0, NUM_LABELS, size=n),
-        }
-    )
-
 
 def soups(args, accelerator: Accelerator) -> dict:
-    def evaluator(seed: int) -> Evaluator:
-        return Evaluator(
-            make_dataset(args.n, seed), batch_size=4, accelerator=accelerator, progress=False
-        )
+    def evaluator(name: str) -> Evaluator:
+        dataset = datasets.load_from_disk(args.data / name)
+        return Evaluator(dataset, batch_size=4, accelerator=accelerator, progress=False)
 
     # The quick start, as the README writes it.
     builder = SoupBuilder.from_hub(args.ingredients)
-    held_out = evaluator(seed=1)
+    held_out = evaluator("validation")
     soup = builder.greedy(held_out)
     saved = soup.save_pretrained(args.out / "greedy-soup", progress=False)
     commit = soup.push_to_hub(args.repo_id)
@@ -54,7 +41,7 @@ def soups(args, accelerator: Accelerator) -> dict:
         args.ingredients[0],
         saved,
         in_distribution={"val": held_out},
-        shifted={"val_shift": evaluator(seed=2)},
+        shifted={"val_shift": evaluator("shifted")},
         alphas=[0.0, 0.5, 1.0],
         progress=False,
     )
@@ -86,7 +73,7 @@ def main() -> None:
     parser.add_argument("--ingredients", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repo-id", default="acme/greedy-soup")
-    parser.add_argument("--n", type=int, default=21)
+    parser.add_argument("--data", type=Path, help="datasets saved with save_to_disk")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
