@@ -49,8 +49,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(tmp_path: Path, processes: int, script_args: list[str], hub_url: str = ""):
-    """Start the script alone (``processes=1``) or under ``accelerate launch``."""
+def start(tmp_path: Path, processes: int, tail: list[str], hub_url: str = "", **env: str):
+    """Start ``python *tail`` alone (``processes=1``) or under ``accelerate launch``."""
     env = {
         **os.environ,
         "CUDA_VISIBLE_DEVICES": "",
@@ -60,29 +60,31 @@ def start(tmp_path: Path, processes: int, script_args: list[str], hub_url: str =
         "HF_HUB_DISABLE_XET": "1",
         "HF_TOKEN": TOKEN,
         "HF_TOKEN_PATH": str(tmp_path / "no-token"),
+        **env,
     }
-    command = [sys.executable, str(SCRIPT), *script_args]
+    command = [sys.executable, *tail]
     if processes > 1:
         config = tmp_path / "accelerate.yaml"
         config.write_text(ACCELERATE_CONFIG)
         command = [
             *ACCELERATE_LAUNCH, "--config_file", str(config), "--multi_gpu",
             "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(free_port()), *command[1:],
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), *tail,
         ]  # fmt: skip
     return subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """The exit code, stdout and stderr of a started run; fails the test after ``timeout``."""
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         out, err = process.communicate()
         pytest.fail(f"no exit within {timeout} s:\n{err[-3000:]}")
-    return process.returncode, out + err
+    return process.returncode, out, err
 
 
 def make_pool(root: Path, count: int = 4, noise: float = NOISE) -> list[str]:
@@ -136,13 +138,14 @@ def test_quick_start_and_wise_ft_on_two_processes_equal_one_process(tmp_path):
         runs = {}
         for processes, hub in hubs.items():
             out = tmp_path / f"out{processes}"
-            args = ["--mode", "soups", "--ingredients", *ingredients, "--out", str(out)]
+            args = [str(SCRIPT), "--mode", "soups", "--ingredients", *ingredients]
+            args += ["--out", str(out)]
             args += ["--data", str(tmp_path / "pool")]
             runs[processes] = (start(tmp_path, processes, args, hub.url), out)
         started = time.monotonic()
         for processes, (process, _) in runs.items():
-            code, output = finish(process, timeout=360)
-            assert code == 0, f"{processes} process(es):\n{output[-4000:]}"
+            code, _, err = finish(process, timeout=360)
+            assert code == 0, f"{processes} process(es):\n{err[-4000:]}"
         print(f"both runs: {time.monotonic() - started:.1f} s")
         seen = {
             processes: [
@@ -194,9 +197,10 @@ def test_a_failed_save_on_the_main_process_ends_every_process_with_its_error(tmp
     ingredients = make_pool(tmp_path / "pool", count=2)
     out = tmp_path / "out"
     out.mkdir()
-    args = ["--mode", "fail", "--ingredients", *ingredients, "--out", str(out)]
+    args = [str(SCRIPT), "--mode", "fail", "--ingredients", *ingredients, "--out", str(out)]
     started = time.monotonic()
-    code, output = finish(start(tmp_path, 2, args), timeout=150)
+    code, out_text, err = finish(start(tmp_path, 2, args), timeout=150)
+    output = out_text + err
     print(f"failing launch: {time.monotonic() - started:.1f} s")
 
     assert code != 0
@@ -211,3 +215,33 @@ def test_a_failed_save_on_the_main_process_ends_every_process_with_its_error(tmp
         )
     assert sorted(p.name for p in out.iterdir()) == ["process0.json", "process1.json"]
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+EVAL_RECIPE = """\
+eval_sets:
+  id: {dataset: validation, batch_size: 4}
+  shifted: {dataset: shifted, batch_size: 4}
+select: {target: [id], preserve: [shifted]}
+"""
+
+
+@pytest.mark.timeout(200)
+def test_the_wise_ft_command_on_two_cpu_processes_writes_and_prints_once(tmp_path):
+    zero_shot, fine_tuned = make_pool(tmp_path / "pool", count=2)
+    recipe = tmp_path / "pool" / "eval.yaml"
+    recipe.write_text(EVAL_RECIPE)
+    out = tmp_path / "wise-ft"
+    command = ["-m", "hf_soups.cli", "wise-ft", zero_shot, fine_tuned, "--sweep", "0,0.5,1"]
+    command += ["--recipe", str(recipe), "--out", str(out)]
+    started = time.monotonic()
+    # The command's Evaluators make their own Accelerator: the environment puts it on CPU.
+    code, printed, err = finish(start(tmp_path, 2, command, ACCELERATE_USE_CPU="1"), timeout=150)
+    print(f"wise-ft command: {time.monotonic() - started:.1f} s")
+
+    assert code == 0, err[-4000:]
+    # The table, the choice and the last line, printed by the main process only.
+    assert printed.count("alpha ") == 1 and printed.count("Wrote WiSE-FT alpha=") == 1
+    assert printed.count("maximises the mean of the scores on id and on shifted") == 1
+    recipe = json.loads((out / "soup.json").read_text())
+    assert recipe["method"] == "wise_ft" and recipe["patch"]["sweep"]["alphas"] == [0, 0.5, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accelerate.yaml", "pool", "wise-ft"]
