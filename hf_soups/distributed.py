@@ -24,12 +24,15 @@ import os
 import pickle
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from hf_soups import errors
 from hf_soups.errors import HfSoupsError, MainProcessError, ProcessesDisagreeError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 __all__ = ["check_agreement", "is_main_process", "main_process_only", "on_main_process"]
 
@@ -50,7 +53,7 @@ def _launched_processes() -> int:
     return 1
 
 
-def _state():
+def _state() -> PartialState | None:
     """Accelerate's state when this process is one of several, else ``None``."""
     if _running_for_all.get():
         return None

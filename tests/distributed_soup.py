@@ -5,7 +5,8 @@ plain single process; the test compares what both wrote. ``--mode soups``: greed
 ``save_pretrained`` -> ``push_to_hub`` (to the stand-in Hub named by ``HF_ENDPOINT``), then
 ``choose_wise_ft`` -> ``save_pretrained``, on the datasets ``<data>/validation`` and
 ``<data>/shifted``. ``--mode fail``: the processes disagree on a decision
-(caught), then the main process's save fails (not caught). Every process writes what it saw to
+(caught), a function run on the main process raises a ValueError (caught), then the main
+process's save fails (not caught). Every process writes what it saw to
 ``<out>/process<i>.json`` and prints ``process <i> raised <Error>: <message>`` for an error.
 """
 
@@ -21,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from hf_soups import Evaluator, SoupBuilder
-from hf_soups.distributed import check_agreement
+from hf_soups.distributed import check_agreement, on_main_process
 from hf_soups.patching import choose_wise_ft
 
 
@@ -61,6 +62,10 @@ def fail(args, accelerator: Accelerator) -> dict:
         check_agreement({"alpha": 0.5 * accelerator.process_index}, "a test decision")
     except Exception as error:
         seen["disagreement"] = f"{type(error).__name__}: {error}"
+    try:
+        on_main_process(int, "not a number")
+    except Exception as error:
+        seen["foreign_error"] = f"{type(error).__name__}: {error}"
     (args.out / f"process{accelerator.process_index}.json").write_text(json.dumps(seen))
     # args.out already holds this file: the main process's save refuses to overwrite it.
     SoupBuilder.from_hub(args.ingredients).uniform().save_pretrained(args.out, progress=False)

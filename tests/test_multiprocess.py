@@ -25,6 +25,14 @@ from test_push import TOKEN, StandInHub
 from tiny import assert_matches_reference, load_weights, make_vit_folder, weighted_reference
 from transformers import ViTForImageClassification
 
+from hf_soups.distributed import (
+    check_agreement,
+    is_main_process,
+    main_process_only,
+    on_main_process,
+)
+from hf_soups.errors import OutputExistsError
+
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "distributed_soup.py"
 EXAMPLES = 41  # held-out examples: 21 and 20 on the two processes, batches of 4 with a remainder
@@ -213,6 +221,13 @@ def test_a_failed_save_on_the_main_process_ends_every_process_with_its_error(tmp
             "ProcessesDisagreeError: processes disagree on a test decision: process 0: "
             '{"alpha": 0.0}; process 1: {"alpha": 0.5}'
         )
+        # An error outside hf_soups' own: as it is on the main process, named on the others.
+        assert seen["foreign_error"] == (
+            "ValueError: invalid literal for int() with base 10: 'not a number'"
+            if rank == 0
+            else "MainProcessError: the main process raised ValueError: invalid literal for "
+            "int() with base 10: 'not a number'"
+        )
     assert sorted(p.name for p in out.iterdir()) == ["process0.json", "process1.json"]
     assert not list(tmp_path.glob(".out.tmp-*"))
 
@@ -245,3 +260,24 @@ def test_the_wise_ft_command_on_two_cpu_processes_writes_and_prints_once(tmp_pat
     recipe = json.loads((out / "soup.json").read_text())
     assert recipe["method"] == "wise_ft" and recipe["patch"]["sweep"]["alphas"] == [0, 0.5, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accelerate.yaml", "pool", "wise-ft"]
+
+
+def test_in_a_single_process_the_helpers_are_plain_calls(monkeypatch):
+    for variable in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    unpicklable = lambda: None  # noqa: E731 - nothing is sent anywhere, so anything goes
+    assert on_main_process(lambda a, b=0: (a + b, unpicklable), 1, b=2) == (3, unpicklable)
+    error = OutputExistsError("out: already exists")
+
+    @main_process_only
+    def save(path: str) -> str:
+        """Write something."""
+        raise error
+
+    with pytest.raises(OutputExistsError) as caught:
+        save("out")
+    assert caught.value is error  # the error itself, not a copy
+    assert save.__name__ == "save" and save.__doc__ == "Write something."
+    assert check_agreement({"kept": ["a", "b"]}, "the kept set") is None
+    assert is_main_process()
+    assert not torch.distributed.is_initialized()
