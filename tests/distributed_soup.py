@@ -6,7 +6,8 @@ plain single process; the test compares what both wrote. ``--mode soups``: greed
 ``choose_wise_ft`` -> ``save_pretrained``, on the datasets ``<data>/validation`` and
 ``<data>/shifted``. ``--mode fail``: the processes disagree on a decision
 (caught), a function run on the main process raises a ValueError (caught), then the main
-process's save fails (not caught). Every process writes what it saw to
+process's save fails (not caught). ``--mode alone``: a CPU launch whose Accelerator was not
+told ``cpu=True``, so each process runs alone; the save must refuse. Every process writes what it saw to
 ``<out>/process<i>.json`` and prints ``process <i> raised <Error>: <message>`` for an error.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,9 +74,14 @@ def fail(args, accelerator: Accelerator) -> dict:
     return seen
 
 
+def alone(args, accelerator: Accelerator) -> dict:
+    SoupBuilder.from_hub(args.ingredients).uniform().save_pretrained(args.out, progress=False)
+    return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["soups", "fail"], required=True)
+    parser.add_argument("--mode", choices=["soups", "fail", "alone"], required=True)
     parser.add_argument("--ingredients", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repo-id", default="acme/greedy-soup")
@@ -82,10 +89,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
-    rank = accelerator.process_index
+    # "alone": the Accelerator a script gets without cpu=True on a machine with no GPU.
+    accelerator = Accelerator(cpu=args.mode != "alone")
+    rank = int(os.environ.get("RANK", 0))  # the launcher's, whatever Accelerate makes of it
     try:
-        seen = {"soups": soups, "fail": fail}[args.mode](args, accelerator)
+        seen = {"soups": soups, "fail": fail, "alone": alone}[args.mode](args, accelerator)
     except Exception as error:
         print(f"process {rank} raised {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         raise

@@ -232,6 +232,24 @@ def test_a_failed_save_on_the_main_process_ends_every_process_with_its_error(tmp
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+@pytest.mark.timeout(200)
+def test_processes_that_accelerate_runs_alone_refuse_to_write(tmp_path):
+    (ingredient,) = make_pool(tmp_path / "pool", count=1)
+    out = tmp_path / "out"
+    args = [str(SCRIPT), "--mode", "alone", "--ingredients", ingredient, "--out", str(out)]
+    started = time.monotonic()
+    code, _, err = finish(start(tmp_path, 2, args), timeout=150)
+    print(f"launch run alone: {time.monotonic() - started:.1f} s")
+
+    assert code != 0
+    for rank in (0, 1):
+        assert (
+            f"process {rank} raised HfSoupsError: 2 processes were launched but Accelerate runs "
+            "this one alone"
+        ) in err, err[-4000:]
+    assert not out.exists()
+
+
 EVAL_RECIPE = """\
 eval_sets:
   id: {dataset: validation, batch_size: 4}
