@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> None:
 
     inputs = [*args.sources, *([args.base] if args.base else [])]
     if args.out is not None:
-        # Fail before the measurements, not after.
-        check_output_dir(args.out, args.overwrite, inputs=inputs)
+        # Fail before the measurements, not after (checked where it is written, so that under
+        # accelerate launch no process checks a folder another has already written).
+        on_main_process(check_output_dir, args.out, args.overwrite, inputs=inputs)
     evaluator = load_held_out(args.recipe) if args.recipe else None
     report = check_soupability(
         args.sources,

@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> None:
     from hf_soups.patching import choose_wise_ft, load_eval_recipe, parse_alphas, wise_ft
 
     # Before any loading or scoring: the output must not be, hold or lie in an input.
-    check_output_dir(args.out, args.overwrite, inputs=[args.zero_shot, args.fine_tuned])
+    # (On the main process, which writes it: another process could see it already written.)
+    on_main_process(
+        check_output_dir, args.out, args.overwrite, inputs=[args.zero_shot, args.fine_tuned]
+    )
     if args.alpha is not None:
         if args.recipe:
             raise ValueError("--recipe is used with --sweep only")
