@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from hf_soups.distributed import check_agreement
 from hf_soups.errors import HfSoupsError, InvalidWeightsError
 from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
 from hf_soups.greedy import AcceptanceRule, greedy_pass
@@ -288,6 +289,7 @@ class SoupBuilder:
             lambda template, state: load_model(template, state, task=self.task),
             rule,
         )
+        check_agreement([i.name for i in result.kept], "the greedy soup's kept ingredients")
         n = len(result.kept)
         soup = self._weighted(
             result.kept,

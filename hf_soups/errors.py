@@ -78,3 +78,12 @@ class LabelMismatchError(HfSoupsError, ValueError):
 
 class WeightsFormatError(HfSoupsError, ValueError):
     """`weights_format` names a format the checkpoint does not hold (or no known format)."""
+
+
+class MainProcessError(HfSoupsError):
+    """Work the main process did for every process of a launched run (a save, a push) failed;
+    raised on the other processes with the main process's error."""
+
+
+class ProcessesDisagreeError(HfSoupsError):
+    """The processes of a launched run took different decisions (greedy's kept set, an alpha)."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from hf_soups import citations
 from hf_soups.cards import write_card
+from hf_soups.distributed import main_process_only
 from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import (
@@ -120,6 +121,7 @@ class Soup:
         )
         return results
 
+    @main_process_only
     def save_pretrained(
         self,
         out_dir: str | os.PathLike,
@@ -129,7 +131,10 @@ class Soup:
         dtype: torch.dtype | None = None,
         progress: bool = True,
     ) -> Path:
-        """Write the soup as a model folder through the streaming merge, recipe included."""
+        """Write the soup as a model folder through the streaming merge, recipe included.
+
+        Under ``accelerate launch`` the main process writes it; the others wait and return the
+        same path (:func:`hf_soups.distributed.on_main_process`)."""
         sources = [*self.ingredients, *([self.base] if self.base else [])]
         with atomic_output_dir(
             out_dir, overwrite=overwrite, inputs=[i.path for i in sources]
@@ -151,6 +156,7 @@ class Soup:
                 write_card(work_dir)  # again, now that the plots it links exist
         return Path(out_dir)
 
+    @main_process_only
     def push_to_hub(
         self,
         repo_id: str,
@@ -161,7 +167,8 @@ class Soup:
         revision: str | None = None,
         work_dir: str | os.PathLike | None = None,
     ) -> Any:
-        """Save the soup with its model card and upload it to the Hub in one commit."""
+        """Save the soup with its model card and upload it to the Hub in one commit (made by
+        the main process alone under ``accelerate launch``)."""
         import tempfile
 
         from hf_soups.hub import check_push_access, push_folder

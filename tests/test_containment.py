@@ -327,7 +327,9 @@ def test_only_known_model_files_are_copied(folders, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_soups"):
         out = merge([a, b], outputs / "soup", progress=False)
 
-    assert sorted(os.listdir(out)) == sorted([*COPIED, "model.safetensors", "soup.json", "README.md"])
+    assert sorted(os.listdir(out)) == sorted(
+        [*COPIED, "model.safetensors", "soup.json", "README.md"]
+    )
     for name in COPIED:
         assert not (out / name).is_symlink()
         assert (out / name).read_bytes() == (a / name).read_bytes(), name

@@ -208,7 +208,7 @@ class WiSEFTCallback(TrainerCallback):
         )
         result = _adopt_main_process_choice(result)
         logger.info("WiSE-FT sweep:\n%s\n%s", result.sweep.table(), result.choice.describe())
-        if self.save_dir is not None and args.should_save:
+        if self.save_dir is not None:  # every process calls it; the main process writes
             result.save_pretrained(self.save_dir, overwrite=self.overwrite, progress=show_progress)
         wait_for_everyone()
         if self.swap_at_end:

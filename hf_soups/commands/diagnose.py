@@ -48,13 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from hf_soups.diagnostics import check_soupability, write_plots
+    from hf_soups.distributed import is_main_process, on_main_process
     from hf_soups.output import atomic_output_dir, check_output_dir
     from hf_soups.recipe.soup_file import load_held_out
 
     inputs = [*args.sources, *([args.base] if args.base else [])]
     if args.out is not None:
-        # Fail before the measurements, not after.
-        check_output_dir(args.out, args.overwrite, inputs=inputs)
+        # Fail before the measurements, not after (checked where it is written, so that under
+        # accelerate launch no process checks a folder another has already written).
+        on_main_process(check_output_dir, args.out, args.overwrite, inputs=inputs)
     evaluator = load_held_out(args.recipe) if args.recipe else None
     report = check_soupability(
         args.sources,
@@ -64,9 +66,14 @@ def run(args: argparse.Namespace) -> None:
         pairs=args.pairs,
         progress=not args.quiet,
     )
-    print(report.table())
+    if is_main_process():
+        print(report.table())
     if args.out is not None:
-        with atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as work_dir:
-            write_plots(report, work_dir)
-            report.save(work_dir / REPORT_FILE)
-        print(f"Wrote {REPORT_FILE} and {len(report.plots)} plot(s) to {args.out}")
+
+        def write() -> None:
+            with atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as work_dir:
+                write_plots(report, work_dir)
+                report.save(work_dir / REPORT_FILE)
+            print(f"Wrote {REPORT_FILE} and {len(report.plots)} plot(s) to {args.out}")
+
+        on_main_process(write)

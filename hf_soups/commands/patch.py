@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_soups.distributed import on_main_process
     from hf_soups.output import check_output_dir
     from hf_soups.patching import DEFAULT_ALPHAS, load_eval_recipe, patch
     from hf_soups.patching.recipe import RecipeError
@@ -39,7 +40,10 @@ def run(args: argparse.Namespace) -> None:
     if out is None:
         raise RecipeError(f"{args.recipe}: no 'out' folder (set it in the recipe or pass --out)")
     # Before the sweep: the output must not be, hold or lie in an input.
-    check_output_dir(out, args.overwrite, inputs=[recipe.zero_shot, recipe.fine_tuned])
+    # (On the main process, which writes it: another process could see it already written.)
+    on_main_process(
+        check_output_dir, out, args.overwrite, inputs=[recipe.zero_shot, recipe.fine_tuned]
+    )
     result = patch(
         recipe.zero_shot,
         recipe.fine_tuned,
@@ -51,5 +55,4 @@ def run(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     path = result.save_pretrained(out, **output_kwargs(args))
-    report(result)
-    print(f"Wrote the patched model (alpha={result.alpha:g}) to {path}")
+    report(result, f"Wrote the patched model (alpha={result.alpha:g}) to {path}")

@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_soups.distributed import is_main_process
     from hf_soups.recipe.soup_file import run_recipe
 
     soup = run_recipe(args.recipe, out=args.out, overwrite=args.overwrite)
-    print(soup.report())
+    if is_main_process():
+        print(soup.report())

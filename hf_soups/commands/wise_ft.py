@@ -51,25 +51,41 @@ def output_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def report(result) -> None:
-    """Print the sweep table and the choice (the CLI's output, not library logging)."""
-    print(result.sweep.table())
-    print(result.choice.describe())
+def report(result, *lines: str) -> None:
+    """Print the sweep table, the choice and ``lines`` (the CLI's output, not library
+    logging), once under ``accelerate launch``."""
+    from hf_soups.distributed import is_main_process
+
+    if is_main_process():
+        print(result.sweep.table())
+        print(result.choice.describe())
+        for line in lines:
+            print(line)
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_soups.distributed import is_main_process, on_main_process
     from hf_soups.output import check_output_dir
     from hf_soups.patching import choose_wise_ft, load_eval_recipe, parse_alphas, wise_ft
 
     # Before any loading or scoring: the output must not be, hold or lie in an input.
-    check_output_dir(args.out, args.overwrite, inputs=[args.zero_shot, args.fine_tuned])
+    # (On the main process, which writes it: another process could see it already written.)
+    on_main_process(
+        check_output_dir, args.out, args.overwrite, inputs=[args.zero_shot, args.fine_tuned]
+    )
     if args.alpha is not None:
         if args.recipe:
             raise ValueError("--recipe is used with --sweep only")
-        out = wise_ft(
-            args.zero_shot, args.fine_tuned, args.alpha, out_dir=args.out, **output_kwargs(args)
+        out = on_main_process(
+            wise_ft,
+            args.zero_shot,
+            args.fine_tuned,
+            args.alpha,
+            out_dir=args.out,
+            **output_kwargs(args),
         )
-        print(f"Wrote WiSE-FT alpha={args.alpha:g} to {out}")
+        if is_main_process():
+            print(f"Wrote WiSE-FT alpha={args.alpha:g} to {out}")
         return
     if not args.recipe:
         raise ValueError("--sweep needs --recipe eval.yaml (the eval sets to choose alpha on)")
@@ -85,5 +101,4 @@ def run(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     out = result.save_pretrained(args.out, **output_kwargs(args))
-    report(result)
-    print(f"Wrote WiSE-FT alpha={result.alpha:g} to {out}")
+    report(result, f"Wrote WiSE-FT alpha={result.alpha:g} to {out}")

@@ -23,6 +23,7 @@ from torch import nn
 
 from hf_soups import citations
 from hf_soups.cards import write_card
+from hf_soups.distributed import check_agreement, main_process_only
 from hf_soups.evaluation import EvalResult
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import IngredientLike
@@ -126,6 +127,7 @@ class PatchResult:
         """The interpolated model at the chosen ``alpha``, in memory."""
         return wise_ft(self.zero_shot, self.fine_tuned, self.alpha)
 
+    @main_process_only
     def save_pretrained(
         self, out_dir: str | os.PathLike, *, overwrite: bool = False, **merge_kwargs
     ) -> Path:
@@ -134,7 +136,8 @@ class PatchResult:
         The folder holds the interpolated weights (streamed through
         :func:`hf_soups.merge.merge`), ``soup.json`` with method ``"wise_ft"``, the chosen
         ``alpha``, the selection rule, the scores and the whole sweep, and the plot
-        ``wise_ft_sweep.png`` (listed under ``"plots"`` for the model card).
+        ``wise_ft_sweep.png`` (listed under ``"plots"`` for the model card). Under
+        ``accelerate launch`` the main process writes it; the others wait and return the path.
 
         Args:
             out_dir: the folder to create.
@@ -235,6 +238,7 @@ def _sweep_and_choose(
         preserve=list(preserve),
         max_drop=max_drop,
     )
+    check_agreement(choice.alpha, f"the {result_kwargs['kind']} alpha chosen")
     logger.info("%s", choice.describe())
     return PatchResult(
         zero_shot=endpoints.zero_shot,

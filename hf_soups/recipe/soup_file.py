@@ -200,6 +200,7 @@ def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bool = False):
     """Build, score, save (and optionally push) the soup a recipe describes; returns the Soup."""
+    from hf_soups.distributed import on_main_process
     from hf_soups.learned import fit_mixing_coefficients
     from hf_soups.soup import SoupBuilder
 
@@ -266,7 +267,8 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
     if push:
         from hf_soups.hub import push_folder
 
-        push_folder(folder, push.pop("repo_id"), **push)
+        # Once, on the main process under ``accelerate launch``.
+        on_main_process(push_folder, folder, push.pop("repo_id"), **push)
     return soup
 
 
