@@ -132,6 +132,11 @@ class FixedHeadFineTuning(nn.Module):
         self.scorer = scorer
         self.model = model
 
+    @property
+    def config(self):
+        """The saved model's config (the Trainer reads it, e.g. with label smoothing)."""
+        return self.model.config
+
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
     ) -> ImageClassifierOutput:
