@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -434,3 +435,23 @@ def test_finetune_sweep_refuses_a_nonempty_folder(small, tmp_path):
 
     with pytest.raises(OutputExistsError):
         finetune_sweep(tmp_path / "zs", small, tmp_path / "sweep", "fast", seed=0, progress=False)
+
+
+# --- the multi-task run's tasks -----------------------------------------------------------------
+
+
+def test_multitask_tasks_are_mnist_digits_and_parity(data):
+    from hf_soups.demo.multitask import demo_tasks
+
+    mnist, digits, parity = demo_tasks(data)
+    assert (mnist.name, digits.name, parity.name) == ("mnist", "digits", "parity")
+    assert mnist.test is data.test and digits.test is data.digits["test"]
+    assert parity.classnames == ("even", "odd")
+    for split in ("train", "validation", "test"):
+        source, relabelled = getattr(data, split)[:], getattr(parity, split)
+        assert relabelled.features["labels"].names == ["even", "odd"]
+        assert torch.equal(relabelled[:]["pixel_values"], source["pixel_values"])
+        expected = torch.tensor([int(d) % 2 for d in source["labels"].tolist()])
+        assert torch.equal(relabelled[:]["labels"], expected)
+    task = parity.zero_shot_task(Path("zs"))
+    assert task.templates == ("a photo of an {} digit",) and task.text_model == "zs"
