@@ -46,7 +46,7 @@ How every choice was made (the reported sets never influence one):
 - **Zero-shot model**: the pre-trained CLIP with the head its own text tower builds from the one
   template "a photo of the digit {}" (pre-training captioned images with four templates).
 - **Ingredients**: image tower and visual projection fine-tuned against that fixed head (text
-  tower and logit scale frozen); hyperparameters drawn from a fixed seeded grid.
+  tower and logit scale frozen); hyperparameters drawn with a fixed seed.
 - **Best individual, greedy soup, learned soup**: chosen on the clean validation split (1,000
   MNIST images disjoint from the test split).
 - **WiSE-FT alpha**: the alpha maximising the mean of the clean validation accuracy and the
