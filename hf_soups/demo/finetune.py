@@ -1,10 +1,13 @@
-"""Fine-tune a sweep of soup ingredients from the demo's zero-shot classifier with ``Trainer``.
+"""Fine-tune a sweep of soup ingredients from the demo's pre-trained CLIP with ``Trainer``.
 
-Every ingredient starts from the same zero-shot classifier, so they share a pre-trained start
-and can be averaged. Hyperparameters vary as in the model-soups sweeps: learning rate
-(log-uniform over a wide range, stratified so a short sweep still covers it), weight decay,
-augmentation on or off, label smoothing and seed. The text tower stays frozen, so ingredients
-and any interpolation with the zero-shot model differ only in the image tower and the head.
+Every ingredient starts from the same pre-trained ``CLIPModel``, so they share a start and can be
+averaged. The image tower and visual projection are trained with cross-entropy against the
+FIXED zero-shot head that the frozen text tower builds from the task's prompts (the head of
+:class:`~hf_soups.models.ZeroShotScorer`); the text tower, text projection and logit scale never
+change, so every ingredient and soup is a plain ``CLIPModel`` whose own text tower rebuilds
+exactly that head, as ``pipeline("zero-shot-image-classification")`` does. Hyperparameters vary
+as in the model-soups sweeps: learning rate (log-uniform over a wide range, stratified so a
+short sweep still covers it), weight decay, augmentation on or off, label smoothing and seed.
 """
 
 from __future__ import annotations
@@ -17,21 +20,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
+    CLIPModel,
+    CLIPProcessor,
     EvalPrediction,
+    PreTrainedModel,
     PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
 )
+from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_soups.callbacks import IngredientCallback
 from hf_soups.demo.data import FINETUNE_AUGMENTATION, DemoData, TrainingImages
 from hf_soups.demo.pretrain import deterministic, quiet_transformers
 from hf_soups.errors import HfSoupsError
-from hf_soups.models.clip import CLIPZeroShotClassifier
+from hf_soups.models.clip import clip_zero_shot_head
+from hf_soups.models.scoring import ZeroShotScorer
 from hf_soups.output import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -107,8 +119,107 @@ def sample_sweep(config: SweepConfig, seed: int) -> list[IngredientSpec]:
     return specs
 
 
+class FixedHeadFineTuning(nn.Module):
+    """A model trained through a :class:`ZeroShotScorer` against its fixed head, saved as itself.
+
+    ``forward`` is the scorer's (logits of the fixed zero-shot head, cross-entropy with
+    ``labels``); ``save_pretrained`` writes ``model``, whose image tower the scorer holds, so the
+    Trainer's callbacks save a ``CLIPModel`` (or ``CLIPVisionModel``) folder, never the scorer.
+    """
+
+    def __init__(self, model: PreTrainedModel, scorer: ZeroShotScorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.model = model
+
+    @property
+    def config(self):
+        """The saved model's config (the Trainer reads it, e.g. with label smoothing)."""
+        return self.model.config
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> ImageClassifierOutput:
+        return self.scorer(pixel_values=pixel_values, labels=labels)
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> None:
+        self.model.save_pretrained(folder, **kwargs)
+
+
+def clip_fine_tuning(
+    zero_shot_dir: Path, classnames: tuple[str, ...], templates: tuple[str, ...]
+) -> FixedHeadFineTuning:
+    """The pre-trained ``CLIPModel`` set up for fine-tuning its image side: text tower, text
+    projection and logit scale frozen, the head built once from them and kept fixed."""
+    clip = CLIPModel.from_pretrained(zero_shot_dir, use_safetensors=True)
+    for module in (clip.text_model, clip.text_projection):
+        module.requires_grad_(False)
+    clip.logit_scale.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(zero_shot_dir)
+    head = clip_zero_shot_head(clip, tokenizer, classnames, templates, progress=False)
+    scorer = ZeroShotScorer(clip.vision_model, clip.visual_projection, head, classnames)
+    return FixedHeadFineTuning(clip, scorer)
+
+
 def _accuracy(prediction: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def fixed_head_trainer(
+    model: FixedHeadFineTuning,
+    train: Dataset,
+    validation: Dataset,
+    spec: IngredientSpec,
+    config: SweepConfig,
+    *,
+    work_dir: Path,
+    processing_class=None,
+    callbacks: list[TrainerCallback] | None = None,
+    max_steps: int = -1,
+) -> Trainer:
+    """A ``Trainer`` for one fine-tuning run of ``spec``'s hyperparameters; call it inside
+    ``deterministic(spec.seed)``. It evaluates once, at the last step."""
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = max_steps if max_steps > 0 else config.epochs * steps_per_epoch
+    args = TrainingArguments(
+        output_dir=str(work_dir / spec.name),
+        use_cpu=True,
+        num_train_epochs=config.epochs,
+        max_steps=total_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=500,
+        learning_rate=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        label_smoothing_factor=spec.label_smoothing,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        seed=spec.seed,
+        # One evaluation, at the last step: greedy soups rank ingredients by it, and
+        # per-epoch scores would cost a validation pass each.
+        eval_strategy="steps",
+        eval_steps=total_steps,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TrainingImages(
+            train, FINETUNE_AUGMENTATION if spec.augment else None, seed=spec.seed
+        ),
+        eval_dataset=validation,
+        processing_class=processing_class,
+        data_collator=default_data_collator,
+        compute_metrics=_accuracy,
+        callbacks=callbacks,
+    )
+    # The demo shows one bar per stage; the Trainer's per-run log lines would drown it.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def finetune_one(
@@ -122,64 +233,33 @@ def finetune_one(
     overwrite: bool = False,
     max_steps: int = -1,
 ) -> Path:
-    """Fine-tune one ingredient from the zero-shot classifier; returns its folder."""
-    tokenizer = AutoTokenizer.from_pretrained(zero_shot_dir)
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    total_steps = max_steps if max_steps > 0 else config.epochs * steps_per_epoch
+    """Fine-tune one ingredient from the pre-trained CLIP; returns its ``CLIPModel`` folder."""
     with deterministic(spec.seed):
-        model = CLIPZeroShotClassifier.from_pretrained(zero_shot_dir)
-        model.freeze_text_tower()
-        train = TrainingImages(
-            data.train, FINETUNE_AUGMENTATION if spec.augment else None, seed=spec.seed
-        )
-        args = TrainingArguments(
-            output_dir=str(work_dir / spec.name),
-            use_cpu=True,
-            num_train_epochs=config.epochs,
-            max_steps=total_steps,
-            per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=500,
-            learning_rate=spec.learning_rate,
-            weight_decay=spec.weight_decay,
-            label_smoothing_factor=spec.label_smoothing,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.1,
-            seed=spec.seed,
-            # One evaluation, at the last step: greedy soups rank ingredients by it, and
-            # per-epoch scores would cost a validation pass each.
-            eval_strategy="steps",
-            eval_steps=total_steps,
-            save_strategy="no",
-            logging_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-        )
+        model = clip_fine_tuning(zero_shot_dir, data.classnames, data.templates)
         callback = IngredientCallback(
             sweep_dir,
             name=spec.name,
             extra_hyperparameters={
                 "augment": spec.augment,
-                "frozen": "text tower, text projection, logit scale",
+                "frozen": "text tower, text projection, logit scale (fixed zero-shot head)",
                 "zero_shot_model": zero_shot_dir.name,
             },
             overwrite=overwrite,
         )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=data.validation,
-            processing_class=tokenizer,
-            data_collator=default_data_collator,
-            compute_metrics=_accuracy,
+        trainer = fixed_head_trainer(
+            model,
+            data.train,
+            data.validation,
+            spec,
+            config,
+            work_dir=work_dir,
+            # Saved beside every ingredient: tokenizer and image processor for the pipelines.
+            processing_class=CLIPProcessor.from_pretrained(zero_shot_dir),
             callbacks=[callback],
+            max_steps=max_steps,
         )
-        # The sweep shows one bar; the Trainer's per-run log lines would drown it.
-        trainer.remove_callback(PrinterCallback)
         trainer.train()
-    return callback.ingredient_dir(args)
+    return callback.ingredient_dir(trainer.args)
 
 
 def finetune_sweep(
@@ -196,7 +276,7 @@ def finetune_sweep(
     """Fine-tune the demo's sweep of ingredients into ``out_dir/<name>/``.
 
     Args:
-        zero_shot_dir: the folder written by ``pretrain_zero_shot``.
+        zero_shot_dir: the ``CLIPModel`` folder written by ``pretrain_zero_shot``.
         data: the demo data; trains on ``train``, evaluates on ``validation`` (recorded in each
             ``ingredient.json`` as ``eval_accuracy``).
         out_dir: the sweep folder; refused if it exists and is not empty, unless

@@ -4,6 +4,9 @@ The pre-trained start is what makes soups work, so the demo builds its own: imag
 from the MNIST training split and scikit-learn's digits, with broad augmentation (rotation,
 scale, shifts, noise, inverted images), and captions filled from the prompt templates. Many
 images in a batch share a caption, so every same-class pair counts as a positive.
+
+The result is a plain transformers ``CLIPModel`` folder with its tokenizer and image processor
+(a ``CLIPProcessor``), which ``pipeline("zero-shot-image-classification")`` loads as it is.
 """
 
 from __future__ import annotations
@@ -22,11 +25,19 @@ import torch.nn.functional as F
 import transformers
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
-from hf_soups.demo.data import PRETRAIN_AUGMENTATION, Augmentation, DemoData
+from hf_soups.demo.data import (
+    PARITY_CLASSNAMES,
+    PARITY_TEMPLATE,
+    PRETRAIN_AUGMENTATION,
+    Augmentation,
+    DemoData,
+    image_processor,
+)
 from hf_soups.errors import HfSoupsError, ZeroShotTooWeakError
-from hf_soups.models.clip import CLIPZeroShotClassifier, make_word_tokenizer
+from hf_soups.models.clip import clip_zero_shot_head, make_word_tokenizer
+from hf_soups.models.scoring import ZeroShotScorer
 from hf_soups.output import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -287,19 +298,20 @@ def pretrain_zero_shot(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Pre-train a tiny CLIP and save its zero-shot classifier (model + tokenizer) to ``out_dir``.
+    """Pre-train a tiny CLIP and save it (``CLIPModel``, tokenizer, image processor) to ``out_dir``.
 
     Args:
         out_dir: folder to write; refused if it exists and is not empty, unless ``overwrite``.
-        data: the demo data; pre-training uses its train split and ``pretrain_extra``.
+        data: the demo data; pre-training uses its train split and ``pretrain_extra``, captioned
+            with ``data.caption_templates``; the zero-shot check uses ``data.templates``.
         size: ``"fast"``, ``"default"`` or a ``PretrainConfig``.
         seed: seeds the initialisation, the shuffling, the captions and the augmentation.
         max_steps: stop after this many optimiser steps (for tests); skips the accuracy check.
         progress: show a progress bar.
 
     Returns:
-        ``out_dir`` as a Path, holding a ``CLIPZeroShotClassifier`` folder, its tokenizer, and
-        ``pretraining.json`` (seed, config, steps, first and final loss, zero-shot validation
+        ``out_dir`` as a Path, holding a ``CLIPModel`` folder, its tokenizer and image processor,
+        and ``pretraining.json`` (seed, config, steps, first and final loss, zero-shot validation
         accuracy).
 
     Raises:
@@ -308,8 +320,16 @@ def pretrain_zero_shot(
     """
     config = get_pretrain_config(size)
     out_dir = check_output_dir(out_dir, overwrite)  # fail before training, not after
+    # The vocabulary covers every prompt the demo ever encodes, the multi-task run's included.
     tokenizer = make_word_tokenizer(
-        [t.format(c) for t in data.templates for c in data.classnames],
+        [
+            *(
+                t.format(c)
+                for t in (*data.caption_templates, *data.templates)
+                for c in data.classnames
+            ),
+            *(PARITY_TEMPLATE.format(c) for c in PARITY_CLASSNAMES),
+        ],
         model_max_length=16,
     )
     images, labels = _images_and_labels([data.train, data.pretrain_extra])
@@ -321,16 +341,16 @@ def pretrain_zero_shot(
             images,
             labels,
             data.classnames,
-            data.templates,
+            data.caption_templates,
             config,
             seed=seed,
             max_steps=max_steps,
             progress=progress,
         )
-        classifier = CLIPZeroShotClassifier.from_clip(
-            clip, tokenizer, data.classnames, data.templates, progress=False
-        )
-        val_accuracy = accuracy(classifier, data.validation)
+        # The zero-shot classifier the demo scores: head from the text tower and the template.
+        head = clip_zero_shot_head(clip, tokenizer, data.classnames, data.templates, progress=False)
+        scorer = ZeroShotScorer(clip.vision_model, clip.visual_projection, head, data.classnames)
+        val_accuracy = accuracy(scorer, data.validation)
     logger.info(
         "pre-trained %d steps, final loss %.3f, zero-shot validation accuracy %.3f",
         len(losses),
@@ -354,7 +374,7 @@ def pretrain_zero_shot(
         "zero_shot_validation_accuracy": val_accuracy,
     }
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, quiet_transformers():
-        classifier.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        clip.save_pretrained(tmp)
+        CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
         (tmp / PRETRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
