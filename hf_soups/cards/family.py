@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hf_soups.cards.sources import is_repo_id
 from hf_soups.errors import HfSoupsError
+from hf_soups.output import final_name
 from hf_soups.recipe.schema import Recipe
 
 logger = logging.getLogger(__name__)
@@ -21,10 +23,14 @@ __all__ = ["architecture", "family_metadata"]
 
 def family_metadata(folder: Path, recipe: Recipe, repo_id: str):
     """The :class:`~hf_soups.models.families.CardMetadata` of the model in ``folder`` published
-    as ``repo_id``; class names and prompts come from ``recipe.task`` when recorded. A folder no
-    family recognises gets no library, pipeline tag or snippet (and a log line)."""
+    as ``repo_id`` (a card title that is no repo id loads the folder by its name); class names
+    and prompts come from ``recipe.task`` when recorded. A folder no family recognises gets no
+    library, pipeline tag or snippet (and a log line)."""
     from hf_soups.models.families import CardMetadata, detect_family
     from hf_soups.models.task import ZeroShotTask
+
+    if not is_repo_id(repo_id):
+        repo_id = final_name(folder)
 
     try:
         family = detect_family(folder)
