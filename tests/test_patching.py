@@ -675,3 +675,31 @@ def test_example_recipe_is_valid(clip_models, tmp_path):
     assert recipe.target == ["id"] and recipe.preserve == ["rotated", "inverted", "digits"]
     assert recipe.eval_sets["digits"].swaps_head and not recipe.eval_sets["id"].swaps_head
     assert recipe.alphas == [i / 10 for i in range(11)] and recipe.max_drop is None
+
+
+def test_wise_ft_max_shifted_drop_bounds_the_loss_on_shifts(tmp_path):
+    """Scores written as functions of alpha: in distribution alpha, shifted 1 - alpha. The
+    average rule is indifferent (ties go to the smallest alpha, 0); allowing a shifted drop of
+    0.3 makes alpha = 0.25 the best feasible in-distribution score."""
+    zero_shot = make_vit_folder(tmp_path / "zero_shot", seed=0)
+    fine_tuned = make_vit_folder(tmp_path / "fine_tuned", seed=1)
+    start = load_weights(zero_shot)["classifier.weight"]
+    span = (load_weights(fine_tuned)["classifier.weight"] - start).norm()
+
+    def alpha_of(model) -> float:
+        return round(float((model.classifier.weight.detach() - start).norm() / span), 6)
+
+    def choose(**options) -> float:
+        return choose_wise_ft(
+            zero_shot,
+            fine_tuned,
+            in_distribution={"id": alpha_of},
+            shifted={"shift": lambda model: 1.0 - alpha_of(model)},
+            alphas=[0.0, 0.25, 0.5, 0.75, 1.0],
+            progress=False,
+            **options,
+        ).alpha
+
+    assert choose() == 0.0
+    assert choose(max_shifted_drop=0.3) == 0.25
+    assert choose(max_shifted_drop=1.0) == 1.0

@@ -131,6 +131,19 @@ def test_greedy_options(pool, caplog):
     # minimising the negated score picks the worst model first
     worst_first = builder.greedy(lambda m: -score(m), maximize=False)
     assert worst_first.ingredients[0].source == capped.ingredients[0].source
+    # ... and the acceptance rule minimises too: the same soup as maximising the score
+    paper = builder.greedy(score)
+    assert [i.source for i in worst_first.ingredients] == [i.source for i in paper.ingredients]
+    assert 1 < len(paper.ingredients) < len(folders)
+
+
+def test_greedy_strictness_decides_ties(pool):
+    """A score that ties everywhere: the paper's strict rule keeps only the best (first) model,
+    strict=False keeps every one, since each tie is accepted."""
+    _, _, folders = pool
+    builder = SoupBuilder.from_pretrained([str(f) for f in folders])
+    assert len(builder.greedy(lambda model: 1.0).ingredients) == 1
+    assert len(builder.greedy(lambda model: 1.0, strict=False).ingredients) == len(folders)
 
 
 def test_uniform_soup_save_and_load(pool, tmp_path):
