@@ -7,14 +7,22 @@ transformers itself; the fits under test stream the ingredients from their files
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import make_vit_folder
+from launch import ACCELERATE_LAUNCH
+from tiny import make_clip_folder, make_vit_folder
 from torch.func import functional_call
-from transformers import ViTForImageClassification
+from transformers import AutoTokenizer, CLIPModel, ViTForImageClassification
 
 from hf_soups.ingredients import Ingredient
 from hf_soups.learned import (
@@ -24,7 +32,15 @@ from hf_soups.learned import (
     fit_mixing_coefficients,
 )
 from hf_soups.learned import placement as placement_module
+from hf_soups.models import CLIPZeroShotClassifier, save_model
 from hf_soups.soup import SoupBuilder
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location(
+    "distributed_learned", HERE / "distributed_learned.py"
+)
+distributed_learned = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(distributed_learned)
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -305,3 +321,113 @@ def test_options_are_recorded_and_checked(folders, data, one_thread):
         builder.learned(data, memory="disk", progress=False)
     with pytest.raises(ValueError, match="coefficients='sphere'"):
         builder.learned(data, coefficients="sphere", progress=False)
+
+
+def test_a_frozen_text_tower_gets_no_coefficients_and_no_reads(tmp_path, data, monkeypatch):
+    clip = CLIPModel.from_pretrained(make_clip_folder(tmp_path / "clip", seed=0))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "clip")
+    folders = []
+    for index in range(2):
+        model = CLIPZeroShotClassifier.from_clip(
+            clip, tokenizer, ["cat", "dog", "bird"], ["a photo of a {}"], progress=False
+        )
+        with torch.no_grad():
+            torch.manual_seed(index)
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        folders.append(save_model(model, tmp_path / f"ft{index}"))
+    text = ("clip.text_model.", "clip.text_projection.", "clip.logit_scale")
+    reads = []
+    real_read = Ingredient.read
+    monkeypatch.setattr(
+        Ingredient,
+        "read",
+        lambda self, name, out=None: reads.append(name) or real_read(self, name, out),
+    )
+    builder = SoupBuilder.from_pretrained([str(f) for f in folders])
+    soup = builder.learned(
+        data, by_layer=True, epochs=1, batch_size=8, memory="stream", progress=False
+    )
+    monkeypatch.undo()
+    floating = [
+        n
+        for n, t in CLIPZeroShotClassifier.from_pretrained(folders[0]).state_dict().items()
+        if t.is_floating_point()
+    ]
+    frozen = soup.record.coefficients["frozen"]
+    assert sorted(frozen) == sorted(n for n in floating if n.startswith(text))
+    assert frozen and all(soup.tensor_weights[name] == [0.5, 0.5] for name in frozen)
+    learned = [n for n in floating if not n.startswith(text)]
+    assert learned and all(soup.tensor_weights[n] != [0.5, 0.5] for n in learned)
+    # no stored text-tower tensor was read for the fit (only disk_names' integer buffers)
+    stored_text = {n for n in Ingredient.from_folder(folders[0]).tensors if n.startswith(text)}
+    ints = {
+        n
+        for n, info in Ingredient.from_folder(folders[0]).tensors.items()
+        if not info.dtype.is_floating_point
+    }
+    assert not [n for n in reads if n in stored_text and n not in ints]
+    assert len(reads) > 0
+    # the by-layer soup still replays, frozen tensors at the uniform average
+    merged = soup.to_model().state_dict()
+    states = [CLIPZeroShotClassifier.from_pretrained(f).state_dict() for f in folders]
+    for name in frozen[:3] + learned[:3]:
+        reference = sum(w * s[name].double() for w, s in zip(soup.tensor_weights[name], states))
+        torch.testing.assert_close(merged[name].double(), reference, atol=1e-6, rtol=1e-6)
+
+
+ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+gpu_ids: all
+rdzv_backend: static
+same_network: true
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_fit_the_coefficients_of_one(folders, data, tmp_path, one_thread):
+    # 17 examples in batches of 8: the last batch has one example, so one process gets none.
+    held_out = data.select(range(17))
+    held_out.save_to_disk(str(tmp_path / "data"))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(ACCELERATE_CONFIG)
+    out = tmp_path / "fits.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [
+        *ACCELERATE_LAUNCH, "--config_file", str(config), "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(HERE / "distributed_learned.py"), "--data", str(tmp_path / "data"),
+        "--out", str(out), *map(str, folders[:3]),
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    launched = json.loads(out.read_text())
+    assert launched.pop("num_processes") == 2
+    # Each process fetched its share only: 2 fits x 2 epochs x 17 examples, plus one probe
+    # example per fit and process.
+    rows = launched.pop("rows_per_process")
+    assert sum(rows) == 2 * 2 * 17 + 2 * 2 and max(rows) < 2 * 2 * 17
+
+    ingredients = ingredients_of(folders[:3])
+    for name, options in distributed_learned.FITS.items():
+        single = fit_mixing_coefficients(
+            ingredients, held_out, memory="stream", device="cpu", progress=False, **options
+        )
+        np.testing.assert_allclose(launched[name]["model_weights"], single.model_weights, atol=1e-5)
+        np.testing.assert_allclose(launched[name]["losses"], single.losses, rtol=1e-5)
+        if single.tensor_weights is not None:
+            for tensor, row in single.tensor_weights.items():
+                np.testing.assert_allclose(launched[name]["tensor_weights"][tensor], row, atol=1e-5)
+        assert launched[name]["options"] == single.options
