@@ -18,6 +18,7 @@ from hf_soups.ingredients import Ingredient
 from hf_soups.learned import fit_mixing_coefficients
 
 FITS = {
+    # no accelerator given: the fit finds the launched processes through PartialState
     "plain": dict(epochs=2, batch_size=8, seed=1),
     "by_layer_hyperplane_block": dict(
         by_layer=True,
@@ -58,7 +59,12 @@ def main() -> None:
     ingredients = [Ingredient.from_folder(folder) for folder in args.folders]
     results = {
         name: fit_mixing_coefficients(
-            ingredients, data, memory="stream", accelerator=accelerator, progress=False, **options
+            ingredients,
+            data,
+            memory="stream",
+            accelerator=accelerator if name != "plain" else None,
+            progress=False,
+            **options,
         ).to_dict()
         for name, options in FITS.items()
     }
