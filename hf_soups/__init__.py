@@ -11,6 +11,7 @@ from hf_soups.errors import (
     IncompatibleIngredientsError,
     IngredientNotFoundError,
     InvalidWeightsError,
+    LabelMismatchError,
     MissingBaseError,
     NonFiniteWeightsError,
     OutputExistsError,
@@ -19,6 +20,8 @@ from hf_soups.errors import (
     UnpairedResultsError,
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
+    WeightsFormatError,
+    ZeroShotTaskError,
     ZeroShotTooWeakError,
 )
 
@@ -34,6 +37,7 @@ _LAZY = {
     "Soup": "hf_soups.soup",
     "SoupBuilder": "hf_soups.builder",
     "load_model": "hf_soups.models",
+    "ZeroShotTask": "hf_soups.models",
     "wise_ft": "hf_soups.patching",
     "choose_wise_ft": "hf_soups.patching",
     "patch": "hf_soups.patching",
@@ -48,7 +52,7 @@ if TYPE_CHECKING:
     from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
     from hf_soups.ingredients import Ingredient, check_compatible
     from hf_soups.merge import merge, weighted_state_dict
-    from hf_soups.models import load_model
+    from hf_soups.models import ZeroShotTask, load_model
     from hf_soups.patching import choose_wise_ft, patch, sweep, wise_ft
     from hf_soups.soup import Soup
     from hf_soups.stats import holm_adjust, paired_comparison
@@ -62,20 +66,23 @@ def __getattr__(name: str):
 
 __all__ = [
     "CallbackConflictError",
-    "OutputOverlapsInputError",
     "CorruptedCheckpointError",
     "HfSoupsError",
     "HubPushError",
     "IncompatibleIngredientsError",
     "IngredientNotFoundError",
     "InvalidWeightsError",
+    "LabelMismatchError",
     "MissingBaseError",
     "NonFiniteWeightsError",
     "OutputExistsError",
+    "OutputOverlapsInputError",
     "RecipeError",
     "UnpairedResultsError",
     "UnsafeCheckpointError",
     "UnsupportedArchitectureError",
+    "WeightsFormatError",
+    "ZeroShotTaskError",
     "ZeroShotTooWeakError",
     "EvalResult",
     "Evaluator",
@@ -83,6 +90,7 @@ __all__ = [
     "Soup",
     "SoupBuilder",
     "as_scorer",
+    "ZeroShotTask",
     "check_compatible",
     "choose_wise_ft",
     "load_model",

@@ -25,7 +25,7 @@ from hf_soups.merge import (
 )
 from hf_soups.methods import get_method
 from hf_soups.methods.base import MergeMethod, WeightedAverage, check_method_inputs
-from hf_soups.models import load_model
+from hf_soups.models import ZeroShotTask, load_model
 from hf_soups.recipe.schema import SoupRecord
 from hf_soups.soup import SOUPS_CITATION, Soup
 
@@ -47,8 +47,9 @@ class SoupBuilder:
         soup.save_pretrained("greedy-soup")
     """
 
-    def __init__(self, ingredients: Sequence[Ingredient]):
+    def __init__(self, ingredients: Sequence[Ingredient], *, task: ZeroShotTask | None = None):
         self.ingredients = list(ingredients)
+        self.task = task
         if len(self.ingredients) < 1:
             raise HfSoupsError("a soup needs at least one ingredient")
         check_compatible(self.ingredients)
@@ -72,6 +73,8 @@ class SoupBuilder:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         allow_pickle: bool = False,
+        weights_format: str | None = None,
+        task: ZeroShotTask | None = None,
         max_workers: int = 4,
     ) -> SoupBuilder:
         """Fetch ingredients from the Hub (or local folders) in parallel.
@@ -82,6 +85,10 @@ class SoupBuilder:
             token: Hub token (default: ``HF_TOKEN`` or the cached login).
             cache_dir, local_files_only: as in ``huggingface_hub.snapshot_download``.
             allow_pickle: accept ``.bin`` checkpoints (``torch.load(weights_only=True)``).
+            weights_format: ``"transformers"`` (the default) or ``"open_clip"``, for repos
+                holding both (the laion CLIP repos).
+            task: class names and templates to score CLIP ingredients (see
+                :class:`~hf_soups.models.ZeroShotTask`).
         """
         revisions = list(revisions) if revisions is not None else [None] * len(sources)
         if len(revisions) != len(sources):
@@ -96,11 +103,12 @@ class SoupBuilder:
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 allow_pickle=allow_pickle,
+                weights_format=weights_format,
             )
 
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             ingredients = list(pool.map(fetch, zip(sources, revisions)))
-        return cls(ingredients)
+        return cls(ingredients, task=task)
 
     @classmethod
     def from_pretrained(
@@ -128,6 +136,7 @@ class SoupBuilder:
         """
         from hf_soups.diagnostics import check_soupability
 
+        options.setdefault("task", self.task)
         self.diagnostics = check_soupability(
             self.ingredients, base=base, evaluator=evaluator, **options
         )
@@ -145,7 +154,9 @@ class SoupBuilder:
         """Score every ingredient alone (each read once); recorded under its name."""
         eval_name = getattr(evaluator, "name", "held_out")
         for ingredient in self.ingredients:
-            value, result = as_scorer(evaluator, metric)(load_model(ingredient), ingredient.name)
+            value, result = as_scorer(evaluator, metric)(
+                load_model(ingredient, task=self.task), ingredient.name
+            )
             self._individual[ingredient.name] = value
             if result is not None:
                 self._individual_results[ingredient.name] = result
@@ -161,7 +172,7 @@ class SoupBuilder:
         ``"best individual"`` repeats the scores of the ingredient best on held-out data.
         """
         for ingredient in self.ingredients:
-            model = load_model(ingredient)
+            model = load_model(ingredient, task=self.task)
             for eval_name, evaluator in evaluators.items():
                 result = evaluator.evaluate(model, name=ingredient.name)
                 self._record(ingredient.name, eval_name, result, result.score)
@@ -188,7 +199,7 @@ class SoupBuilder:
 
         Holds every ingredient's model in memory at once.
         """
-        models = [load_model(ingredient) for ingredient in self.ingredients]
+        models = [load_model(ingredient, task=self.task) for ingredient in self.ingredients]
         result = evaluator.evaluate_ensemble(models, name="ensemble")
         self._record("ensemble", evaluator.name, result, result.score)
         return result
@@ -202,6 +213,7 @@ class SoupBuilder:
             record=record,
             scores=self.scores,
             diagnostics=self.diagnostics,
+            task=self.task,
             **kwargs,
         )
 
@@ -273,7 +285,7 @@ class SoupBuilder:
             self._individual,
             self._individual_results,
             as_scorer(evaluator, metric),
-            load_model,
+            lambda template, state: load_model(template, state, task=self.task),
             rule,
         )
         n = len(result.kept)
@@ -342,6 +354,7 @@ class SoupBuilder:
         """
         from hf_soups.learned import fit_mixing_coefficients, per_tensor_method
 
+        fit_kwargs.setdefault("task", self.task)
         fit = fit_mixing_coefficients(self.ingredients, dataset, by_layer=by_layer, **fit_kwargs)
         if not by_layer:
             return self._weighted(
@@ -353,5 +366,7 @@ class SoupBuilder:
             weights=fit.model_weights,
             coefficients=fit.to_dict(),
         )
-        method = per_tensor_method(self.ingredients[0], fit.tensor_weights)
+        method = per_tensor_method(
+            self.ingredients[0], fit.tensor_weights, fit.model_weights, task=self.task
+        )
         return self._soup(self.ingredients, method, record, tensor_weights=fit.tensor_weights)

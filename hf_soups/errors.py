@@ -66,3 +66,15 @@ class UnpairedResultsError(HfSoupsError, ValueError):
 
 class OutputOverlapsInputError(HfSoupsError, ValueError):
     """The output folder is, contains or lies inside an input (or the Hub cache): refused."""
+
+
+class ZeroShotTaskError(HfSoupsError, ValueError):
+    """A zero-shot task is malformed, or a CLIP model needs one (or its text model) to score."""
+
+
+class LabelMismatchError(HfSoupsError, ValueError):
+    """A dataset's class names differ from the model's labels or the task's class names."""
+
+
+class WeightsFormatError(HfSoupsError, ValueError):
+    """`weights_format` names a format the checkpoint does not hold (or no known format)."""

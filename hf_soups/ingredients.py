@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hf_soups.checkpoint_files import (
     is_relative_name,
+    open_regular,
+    outside_error,
     read_json_object,
     readable_roots,
     resolves_inside,
@@ -38,10 +41,12 @@ from hf_soups.safetensors_io import (  # noqa: F401 - re-exported: they were def
     read_tensor,
 )
 
+if TYPE_CHECKING:
+    from hf_soups.models.families import ModelFamily
+
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-CONFIG_FILES = ("config.json", "open_clip_config.json")
 INGREDIENT_METADATA_FILE = "ingredient.json"
 
 
@@ -71,29 +76,29 @@ def _read_weight_map(index_file: Path, roots: tuple[Path, ...]) -> dict[str, str
     return weight_map
 
 
-def _shard_file(
+def _check_shard(
     folder: Path, roots: tuple[Path, ...], index_file: Path, name: str, file_name: str
-) -> Path:
-    """The shard an index entry names, refused unless it lies inside the checkpoint folder."""
+) -> None:
+    """Refuse the shard an index entry names unless it lies inside the checkpoint folder."""
     where = f"{index_file}: shard {file_name!r} (holding tensor {name!r})"
     if not is_relative_name(file_name):
         raise CorruptedCheckpointError(f"{where} is not a file name inside the checkpoint folder")
     shard = folder / file_name
     if not resolves_inside(shard, roots):
-        raise CorruptedCheckpointError(f"{where} resolves outside the checkpoint folder")
+        raise outside_error(where)
     if not shard.exists():
         raise CorruptedCheckpointError(f"{where} is missing")
-    return shard
 
 
-def index_folder(folder: Path) -> dict[str, TensorInfo]:
-    """Index every safetensors weights file at the top of ``folder``.
+def index_folder(folder: Path, groups: Collection[str] | None = None) -> dict[str, TensorInfo]:
+    """Index every safetensors weights file at the top of ``folder`` (only those of the weight
+    `groups` when given: a repo holding two formats is read in one).
 
     ``*.safetensors.index.json`` files are honoured: every tensor they list must be in the file
-    they name, a file inside the folder, and every tensor of that file must be listed. Files that no index mentions are indexed on their own
-    (open_clip keeps ``open_clip_model.safetensors``; hf_soups stores classification heads beside
-    it). Symlinks are followed only when they resolve inside the folder (or, for a Hub cache
-    snapshot, into its blob store).
+    they name, a file inside the folder, and every tensor of that file must be listed. Files that
+    no index mentions are indexed on their own (open_clip keeps ``open_clip_model.safetensors``;
+    hf_soups stores classification heads beside it). Symlinks are followed only when they resolve
+    inside the folder (or, for a Hub cache snapshot, into its blob store).
 
     Raises:
         CorruptedCheckpointError: naming the file (and the index entry or tensor) at fault.
@@ -103,32 +108,37 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
     indexed_files: set[Path] = set()
     for index_file in sorted(folder.glob("*.safetensors.index.json")):
         group = index_file.name.removesuffix(".safetensors.index.json")
-        headers: dict[str, dict[str, TensorInfo]] = {}
-        weight_map = _read_weight_map(index_file, roots)
-        for name, file_name in weight_map.items():
-            if file_name not in headers:
-                shard = _shard_file(folder, roots, index_file, name, file_name)
-                headers[file_name] = read_safetensors_header(shard, group)
-                indexed_files.add(shard)
-            if name not in headers[file_name]:
+        if groups is not None and group not in groups:
+            continue
+        headers: dict[Path, dict[str, TensorInfo]] = {}
+        listed: dict[Path, set[str]] = {}
+        for name, file_name in _read_weight_map(index_file, roots).items():
+            # ./model.safetensors and model.safetensors are one shard: Path drops the ".".
+            shard = folder / file_name
+            if shard not in headers:
+                _check_shard(folder, roots, index_file, name, file_name)
+                headers[shard] = read_safetensors_header(shard, group)
+            if name not in headers[shard]:
                 raise CorruptedCheckpointError(
                     f"{index_file}: tensor {name!r} is listed in {file_name!r} but not stored there"
                 )
-            index[name] = headers[file_name][name]
-        for file_name, header in headers.items():
-            unlisted = sorted(name for name in header if weight_map.get(name) != file_name)
+            index[name] = headers[shard][name]
+            listed.setdefault(shard, set()).add(name)
+        for shard, header in headers.items():
+            unlisted = sorted(header.keys() - listed[shard])
             if unlisted:
                 raise CorruptedCheckpointError(
-                    f"{index_file}: shard {file_name!r} holds tensor {unlisted[0]!r}, which the "
+                    f"{index_file}: shard {shard.name!r} holds tensor {unlisted[0]!r}, which the "
                     "index does not list there"
                 )
+        indexed_files.update(headers)
     for file in sorted(folder.glob("*.safetensors")):
-        if file in indexed_files:
+        if file in indexed_files or (
+            groups is not None and _weights_group(file.name) not in groups
+        ):
             continue
         if not resolves_inside(file, roots):
-            raise CorruptedCheckpointError(
-                f"{file}: a symlink that resolves outside the checkpoint folder"
-            )
+            raise outside_error(f"{file}: a symlink that")
         for name, info in read_safetensors_header(file, _weights_group(file.name)).items():
             if name in index:
                 raise CorruptedCheckpointError(
@@ -154,6 +164,8 @@ class Ingredient:
     tensors: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
     config: dict = field(default_factory=dict, repr=False)
     metadata: dict = field(default_factory=dict, repr=False)
+    family: ModelFamily | None = field(default=None, repr=False)
+    """The model family (layout) read from the folder; None for a folder without config."""
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
@@ -166,13 +178,17 @@ class Ingredient:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         allow_pickle: bool = False,
+        weights_format: str | None = None,
     ) -> Ingredient:
         """Resolve ``source`` (local folder, or Hub ``org/name[@revision]``) and index it.
 
         Hub sources go through ``huggingface_hub.snapshot_download`` (cache and offline mode
-        honoured) and fetch only safetensors weights and small config/processor files.
-        Pickle checkpoints (``.bin``/``.pt``) are refused unless ``allow_pickle=True``, and are
-        then loaded with ``torch.load(weights_only=True)``.
+        honoured) and fetch only the small config/processor files and the weights of the
+        checkpoint's family, in safetensors (``tf_model.h5``, ``flax_model.msgpack`` are never
+        fetched). Pickle checkpoints (``.bin``/``.pt``) are refused unless ``allow_pickle=True``,
+        and are then loaded with ``torch.load(weights_only=True)``. ``weights_format``
+        (``"transformers"`` or ``"open_clip"``) chooses the format of repos that hold both (the
+        laion CLIP repos); the default is transformers, logged once.
         """
         from hf_soups.hub import resolve_source
 
@@ -183,9 +199,14 @@ class Ingredient:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             allow_pickle=allow_pickle,
+            weights_format=weights_format,
         )
         return cls.from_folder(
-            path, source=str(source), revision=resolved_revision, allow_pickle=allow_pickle
+            path,
+            source=str(source),
+            revision=resolved_revision,
+            allow_pickle=allow_pickle,
+            weights_format=weights_format,
         )
 
     @classmethod
@@ -196,13 +217,27 @@ class Ingredient:
         source: str | None = None,
         revision: str | None = None,
         allow_pickle: bool = False,
+        weights_format: str | None = None,
     ) -> Ingredient:
-        """Index a local folder that is already on disk."""
+        """Index a local folder that is already on disk (``weights_format``: as in
+        :meth:`from_source`)."""
+        from hf_soups.models.families import CheckpointFiles, family_of
+
         path = Path(path)
-        tensors = index_folder(path)
+        files = CheckpointFiles.read(path)
+        family = family_of(files, weights_format)
+        # Only a repo holding two formats is narrowed to its family's files; elsewhere every
+        # weights file belongs to the one checkpoint (and a stray one is an error, not skipped).
+        narrowed = files.holds_both_formats and family is not None
+        tensors = index_folder(path, family.weight_groups if narrowed else None)
         pickled = None
         if not tensors:
-            pickle_files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            pickle_files = sorted(
+                path / name
+                for name in files.names
+                if name.endswith(PICKLE_SUFFIXES)
+                and (not narrowed or any(fnmatch(name, p) for p in family.pickle_files))
+            )
             if not pickle_files:
                 raise CorruptedCheckpointError(f"{path}: no safetensors weights found")
             if not allow_pickle:
@@ -212,11 +247,7 @@ class Ingredient:
                     "pass allow_pickle=True (loads with torch.load(weights_only=True))"
                 )
             pickled, tensors = _load_pickles(pickle_files)
-        config = {}
-        for config_name in CONFIG_FILES:
-            if (path / config_name).is_file():
-                config = _read_json(path / config_name)
-                break
+        config = family.config_of(files) if family is not None else {}
         metadata_file = path / INGREDIENT_METADATA_FILE
         metadata = _read_json(metadata_file) if metadata_file.is_file() else {}
         return cls(
@@ -226,8 +257,19 @@ class Ingredient:
             tensors=tensors,
             config=config,
             metadata=metadata,
+            family=family,
             _pickled=pickled,
         )
+
+    @property
+    def foreign_files(self) -> tuple[str, ...]:
+        """Files of a format this ingredient was not read in (see ``weights_format``)."""
+        return self.family.foreign_files() if self.family is not None else ()
+
+    @property
+    def pickled(self) -> bool:
+        """Whether the weights were read from pickle files (behind ``allow_pickle``)."""
+        return self._pickled is not None
 
     @property
     def name(self) -> str:
@@ -264,10 +306,9 @@ def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[
     index: dict[str, TensorInfo] = {}
     for file in files:
         if not resolves_inside(file, readable_roots(file.parent)):
-            raise CorruptedCheckpointError(f"{file}: a symlink that resolves outside its folder")
-        # Checked before torch.load, which would block on a FIFO.
-        if not stat.S_ISREG(file.stat().st_mode):
-            raise CorruptedCheckpointError(f"{file}: not a regular file")
+            raise outside_error(f"{file}: a symlink that")
+        with open_regular(file):  # before torch.load, which would block on a FIFO
+            pass
         logger.warning("Loading pickle checkpoint %s with torch.load(weights_only=True)", file)
         try:
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -290,10 +331,9 @@ def _load_pickles(files: Sequence[Path]) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def _architecture(ingredient: Ingredient) -> tuple:
-    config = ingredient.config
-    if "model_cfg" in config:  # open_clip
-        return ("open_clip", json.dumps(config["model_cfg"], sort_keys=True))
-    return (config.get("model_type"), tuple(config.get("architectures") or ()))
+    if ingredient.family is None:
+        return (None,)
+    return ingredient.family.architecture_key(ingredient.config)
 
 
 def check_compatible(ingredients: Iterable[Ingredient]) -> None:
@@ -314,8 +354,8 @@ def check_compatible(ingredients: Iterable[Ingredient]) -> None:
         architecture = _architecture(other)
         if architecture != reference_architecture:
             raise IncompatibleIngredientsError(
-                f"{other.name} has architecture {architecture[:2]} but {reference.name} has "
-                f"{reference_architecture[:2]}"
+                f"{other.name} has architecture {architecture[:3]} but {reference.name} has "
+                f"{reference_architecture[:3]}"
             )
         missing = reference.tensors.keys() - other.tensors.keys()
         if missing:

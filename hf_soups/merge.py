@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hf_soups.checkpoint_files import open_regular, readable_roots, resolves_inside
+from hf_soups.cards import write_card
+from hf_soups.checkpoint_files import copy_extra_files
 from hf_soups.errors import (
-    CorruptedCheckpointError,
     IncompatibleIngredientsError,
     NonFiniteWeightsError,
     RecipeError,
@@ -43,35 +42,6 @@ from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
-
-COPIED_FILES = frozenset(
-    {
-        # configs
-        "config.json",
-        "generation_config.json",
-        "open_clip_config.json",
-        # image, video and multimodal processors, feature extractors
-        "preprocessor_config.json",
-        "processor_config.json",
-        "video_preprocessor_config.json",
-        # tokenizers and chat templates
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "merges.txt",
-        "vocab.txt",
-        "spiece.model",
-        "sentencepiece.bpe.model",
-        "tokenizer.model",
-        "chat_template.json",
-        "chat_template.jinja",
-    }
-)
-"""The files a merged folder takes from its first ingredient, besides the merged weights. Only
-these: other weight formats (ONNX, GGUF, OpenVINO, TensorFlow, Flax, pickles) would be weights
-left unmerged, and any other file may be private (notes, credentials, training state)."""
 
 IngredientLike = Ingredient | str | os.PathLike
 
@@ -292,31 +262,6 @@ def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
     return (dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
 
 
-def copy_extra_files(source: Path, destination: Path, *, keep_existing: bool = False) -> None:
-    """Copy the config, processor and tokenizer files of :data:`COPIED_FILES` found in
-    ``source``; with ``keep_existing``, files already in ``destination`` are left as they are.
-
-    What is copied is a regular file's content, never a link: a file that resolves outside
-    ``source`` (or, for a Hub cache snapshot, its blob store) or is not a regular file is skipped
-    with a warning.
-    """
-    roots = readable_roots(source)
-    for name in sorted(COPIED_FILES):
-        file, target = source / name, destination / name
-        if not os.path.lexists(file) or (keep_existing and target.exists()):
-            continue
-        if not resolves_inside(file, roots):
-            logger.warning("Not copying %s: a symlink that resolves outside %s", file, source)
-            continue
-        try:
-            handle = open_regular(file)
-        except (CorruptedCheckpointError, OSError) as error:
-            logger.warning("Not copying %s: %s", file, error)
-            continue
-        with handle, open(target, "wb") as copy:
-            shutil.copyfileobj(handle, copy)
-
-
 def merge(
     ingredients: Sequence[IngredientLike],
     out_dir: str | os.PathLike,
@@ -384,15 +329,25 @@ def merge(
             del shard
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copy_extra_files(template.path, work_dir)
+        copy_extra_files(template.path, work_dir, exclude=template.foreign_files)
         if recipe is None:
             recipe = build_recipe(ingredients, method, base, dtype)
         else:
             _check_describes(recipe, method, dtype)
         recipe.save(work_dir)
+        _write_card(work_dir)
     out_dir = Path(out_dir)
     logger.info("Merged %d ingredients into %s", len(ingredients), out_dir)
     return out_dir
+
+
+def _write_card(folder: Path) -> None:
+    """Every model folder gets its card. What the user cannot fix here (the disk) costs the
+    card, not the merge: ``hf-soups card`` writes it later."""
+    try:
+        write_card(folder)
+    except OSError as error:
+        logger.warning("No model card written (%s); write it with `hf-soups card DIR`", error)
 
 
 def build_recipe(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 _TEMPORARY_MARK = ".tmp-"
 _REPLACED_MARK = ".old-"
+# ".<target name><_TEMPORARY_MARK><pid>-<8 hex digits>", as atomic_output_dir names them.
+_TEMPORARY_NAME = re.compile(rf"\.(.+){re.escape(_TEMPORARY_MARK)}\d+-[0-9a-f]{{8}}")
 
 
 def _is_nonempty(path: Path) -> bool:
@@ -84,16 +87,21 @@ def check_not_an_input(target: str | os.PathLike, inputs: Iterable[str | os.Path
         OutputOverlapsInputError: naming the output and what it touches.
     """
     output = Path(target).resolve()
-    protected = [(Path(source), "input") for source in inputs if Path(source).exists()]
+    local = [Path(source).expanduser() for source in inputs]
+    protected = [(folder, "input") for folder in local if folder.exists()]
     protected += [(_hub_cache(), "the Hub cache"), (Path.cwd(), "the current folder")]
     for folder, what in protected:
         relation = _overlap(output, folder.resolve())
         if relation is None or (relation == "lies inside" and what == "the current folder"):
             continue
         culprit = what if what != "input" else f"the input {folder}"
+        why = (
+            "replacing it would pull the folder out from under this process"
+            if what == "the current folder"
+            else "inputs are never written to, even with overwrite"
+        )
         raise OutputOverlapsInputError(
-            f"{target}: the output {relation} {culprit}; inputs are never written to, even "
-            "with overwrite; choose another folder"
+            f"{target}: the output {relation} {culprit}; {why}; choose another folder"
         )
 
 
@@ -152,6 +160,15 @@ def atomic_output_dir(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def final_name(folder: str | os.PathLike) -> str:
+    """The name ``folder`` has once :func:`atomic_output_dir` moves it into place: its own name,
+    or, for one of the temporary folders it yields (nested ones too), its target's."""
+    name = Path(folder).resolve().name
+    while (found := _TEMPORARY_NAME.fullmatch(name)) is not None:
+        name = found.group(1)
+    return name
 
 
 def _unique() -> str:

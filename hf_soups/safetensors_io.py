@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from hf_soups.checkpoint_files import check_json_depth, open_regular
+from hf_soups.checkpoint_files import check_json_depth, json_depth, open_regular, too_deep
 from hf_soups.errors import CorruptedCheckpointError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -63,7 +63,9 @@ _METADATA_KEY = "__metadata__"
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _MAX_HEADER_BYTES = 100_000_000
 _USIZE_LIMIT = 2**64  # the format's sizes are Rust usize (64 bits)
+# A lone UTF-16 surrogate (``"\\ud800"``) is not a string safetensors accepts.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_MINUS_ZERO = re.compile(r"-0(?![.\deE])")
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,14 @@ def _short(text: str, limit: int = 60) -> str:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number out of range at {text[:20]}")
+        raise ValueError("number out of range")
     return value
 
 
 def _usize_or_float(text: str) -> int | float:
     # serde_json reads integers outside [-2**63, 2**64) as floats, and -0 as a float, so a
     # negative or oversized dimension is a float here as there: refused where an integer is due.
+    # (The plain parse keeps them integers: refused all the same by _is_usize.)
     value = int(text)
     if text[0] != "-" and value < _USIZE_LIMIT:
         return value
@@ -136,25 +139,31 @@ def _is_usize(value: Any) -> bool:
 
 
 def _parse_json(file: Path, raw: bytes) -> dict:
+    """Parse a header as serde_json parses it for safetensors: a key given twice is an error (the
+    last one wins in Python), -0 and integers beyond 64 bits are floats, NaN, infinities and
+    lone surrogates are not JSON. The exact parse, with hooks, costs five times Python's plain one,
+    so it runs only when the plain one may differ."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise CorruptedCheckpointError(
             f"{file}: unreadable safetensors header (not UTF-8 at byte {8 + error.start})"
         ) from None
-    check_json_depth(text, file)
     try:
-        header = json.loads(
-            text,
-            object_pairs_hook=_JsonObject.from_pairs,
-            parse_int=_usize_or_float,
-            parse_float=_finite_float,
-            parse_constant=_reject_constant,
-        )
-        # A lone UTF-16 surrogate (``"\\ud800"``) is not a string safetensors accepts.
+        header = json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
+        if _plain_parse_may_differ(text, header):
+            header = json.loads(
+                text,
+                object_pairs_hook=_JsonObject.from_pairs,
+                parse_int=_usize_or_float,
+                parse_float=_finite_float,
+                parse_constant=_reject_constant,
+            )
         if _SURROGATE_ESCAPE.search(text):
             json.dumps(header, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError) as error:
+    except RecursionError:
+        raise too_deep(file) from None
+    except ValueError as error:
         reason = "a lone surrogate" if isinstance(error, UnicodeEncodeError) else error
         raise CorruptedCheckpointError(
             f"{file}: unreadable safetensors header ({reason})"
@@ -164,9 +173,27 @@ def _parse_json(file: Path, raw: bytes) -> dict:
     return header
 
 
-def _check_metadata(file: Path, header: _JsonObject) -> None:
+def _plain_parse_may_differ(text: str, header: Any) -> bool:
+    """Whether the text may hold what only the exact parse sees: a repeated ``__metadata__`` or
+    entry field (each field's name then occurs more often than the entries that have it, unless
+    escaped), or -0 (an integer here, a float there)."""
+    if not isinstance(header, dict):
+        return False
+    entries = [entry for entry in header.values() if isinstance(entry, dict)]
+    return (
+        text.count(f'"{_METADATA_KEY}"') > 1
+        or any(
+            text.count(f'"{field}"') != sum(field in entry for entry in entries)
+            for field in _ENTRY_FIELDS
+        )
+        or "\\u" in text  # an escaped name, such as "\\u0064type", eludes the counts
+        or _MINUS_ZERO.search(text) is not None
+    )
+
+
+def _check_metadata(file: Path, header: dict) -> None:
     metadata = header.get(_METADATA_KEY)
-    if _METADATA_KEY in header.repeated:
+    if _METADATA_KEY in getattr(header, "repeated", ()):
         raise CorruptedCheckpointError(f"{file}: {_METADATA_KEY} given twice")
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
@@ -175,30 +202,62 @@ def _check_metadata(file: Path, header: _JsonObject) -> None:
 
 
 def _entry(file: Path, name: str, raw: Any) -> _Entry:
-    def malformed(reason: str) -> CorruptedCheckpointError:
-        return CorruptedCheckpointError(
-            f"{file}: tensor {_short(name)} has a malformed entry ({reason})"
-        )
-
-    if isinstance(raw, list):  # serde also reads a struct from [dtype, shape, data_offsets]
-        if len(raw) != len(_ENTRY_FIELDS):
-            raise malformed("not a JSON object")
-        raw = dict(zip(_ENTRY_FIELDS, raw))
-    elif not isinstance(raw, dict):
-        raise malformed("not a JSON object")
-    for field in _ENTRY_FIELDS:
-        if field not in raw:
-            raise malformed(f"no {field!r}")
-        if field in getattr(raw, "repeated", ()):
-            raise malformed(f"{field!r} given twice")
+    if isinstance(raw, list) and len(raw) == len(_ENTRY_FIELDS):
+        raw = dict(zip(_ENTRY_FIELDS, raw))  # serde also reads a struct from a sequence
+    if not isinstance(raw, dict):
+        raise _malformed(file, name, "not a JSON object")
+    if raw.keys() != set(_ENTRY_FIELDS) or getattr(raw, "repeated", None):
+        _check_fields(file, name, raw)
     dtype, shape, offsets = (raw[field] for field in _ENTRY_FIELDS)
     if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
-        raise malformed(f"unknown dtype {_short(str(dtype), 20)}")
-    if not isinstance(shape, list) or not all(_is_usize(dim) for dim in shape):
-        raise malformed("shape must list integers from 0 to 2**64-1")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets)):
-        raise malformed("data_offsets must be two integers from 0 to 2**64-1")
+        raise _malformed(file, name, f"unknown dtype {_short(str(dtype), 20)}")
+    if type(shape) is not list or not all(_is_usize(dim) for dim in shape):
+        raise _malformed(file, name, "shape must list integers from 0 to 2**64-1")
+    if type(offsets) is not list or len(offsets) != 2 or not all(map(_is_usize, offsets)):
+        raise _malformed(file, name, "data_offsets must be two integers from 0 to 2**64-1")
     return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_fields(file: Path, name: str, raw: dict) -> None:
+    """An entry with fields missing, repeated or unknown: safetensors ignores unknown fields, so
+    they are only bounded here (depth, numbers within float range)."""
+    for field in _ENTRY_FIELDS:
+        if field not in raw:
+            raise _malformed(file, name, f"no {field!r}")
+        if field in getattr(raw, "repeated", ()):
+            raise _malformed(file, name, f"{field!r} given twice")
+    for field, value in raw.items():
+        if field not in _ENTRY_FIELDS:
+            check_json_depth(2 + json_depth(value), file)
+            if _holds_huge_integer(value):
+                raise CorruptedCheckpointError(
+                    f"{file}: unreadable safetensors header (number out of range)"
+                )
+
+
+def _holds_huge_integer(value: Any) -> bool:
+    # serde_json reads an integer beyond 64 bits as a float: out of range past float's range.
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (dict, list)):
+            stack.extend(value.values() if isinstance(value, dict) else value)
+        elif type(value) is int and abs(value) >= 2**64 and not math.isfinite(_as_float(value)):
+            return True
+    return False
+
+
+def _as_float(value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _malformed(file: Path, name: str, reason: str) -> CorruptedCheckpointError:
+    return CorruptedCheckpointError(
+        f"{file}: tensor {_short(name)} has a malformed entry ({reason})"
+    )
 
 
 def _element_count(shape: tuple[int, ...]) -> int:

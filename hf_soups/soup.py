@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hf_soups import citations
+from hf_soups.cards import write_card
 from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import (
@@ -29,7 +30,7 @@ from hf_soups.merge import (
     weighted_state_dict,
 )
 from hf_soups.methods.base import MergeMethod, check_method_inputs
-from hf_soups.models import load_model
+from hf_soups.models import ZeroShotTask, load_model
 from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import Recipe, SoupRecord, score_table
 
@@ -64,6 +65,8 @@ class Soup:
     scores: dict[str, dict[str, dict]] = field(default_factory=dict)
     base: Ingredient | None = None
     diagnostics: DiagnosticsReport | None = field(default=None, repr=False)
+    task: ZeroShotTask | None = None
+    """Class names and templates that score CLIP ingredients without a head."""
     tensor_weights: dict[str, list[float]] | None = field(default=None, repr=False)
     """Learned-by-layer soups: the fitted weights keyed by in-memory parameter names."""
 
@@ -93,6 +96,7 @@ class Soup:
             fields.pop("dtype", None),
             soup=self.record,
             scores=score_table(self.scores),
+            task=self.task.to_dict() if self.task is not None else None,
             **fields,
         )
 
@@ -102,7 +106,7 @@ class Soup:
 
     def to_model(self) -> nn.Module:
         """The soup as an in-memory model, in eval mode."""
-        return load_model(self.ingredients[0], self.state_dict())
+        return load_model(self.ingredients[0], self.state_dict(), task=self.task)
 
     def evaluate(self, evaluators: Mapping[str, Evaluator]) -> dict[str, EvalResult]:
         """Score the soup on named eval sets; the scores are recorded in ``self.scores``."""
@@ -144,6 +148,7 @@ class Soup:
                 from hf_soups.diagnostics import write_plots
 
                 write_plots(self.diagnostics, work_dir)
+                write_card(work_dir)  # again, now that the plots it links exist
         return Path(out_dir)
 
     def push_to_hub(
@@ -159,14 +164,13 @@ class Soup:
         """Save the soup with its model card and upload it to the Hub in one commit."""
         import tempfile
 
-        from hf_soups.cards import write_card
         from hf_soups.hub import check_push_access, push_folder
 
         # An unreachable Hub or a refused token is found before the merge, not after it.
         check_push_access(repo_id, private=private, token=token, revision=revision)
         with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
             folder = self.save_pretrained(Path(scratch) / "soup", progress=False)
-            write_card(folder)
+            write_card(folder, model_name=repo_id.split("/")[-1], repo_id=repo_id)
             return push_folder(
                 folder,
                 repo_id,

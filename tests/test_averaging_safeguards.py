@@ -102,7 +102,8 @@ def test_ema_share_of_the_first_weights_after_n_steps(
     for update in range(marked + 1, steps + 1):
         by_hand *= timm_v3_decay(update, **schedule)
     # Every entry of the average is the share of the marked step's weights.
-    assert torch.allclose(held.double(), torch.full_like(held, by_hand).double(), rtol=1e-4)
+    expected = torch.full_like(held, by_hand, dtype=torch.float64)
+    assert torch.allclose(held.double(), expected, rtol=1e-4, atol=0.0)
     assert ema.first_weights_share(steps) == pytest.approx(by_hand, rel=1e-9)
     warnings = [r for r in caplog.records if "EMACallback" in r.getMessage()]
     if warns:
@@ -127,22 +128,25 @@ def test_ema_defaults_forget_the_start_of_a_short_fine_tune():
 # ---- SWA: skipped optimizer steps -----------------------------------------------------------
 
 
-class SkipOptimizerStep(TrainerCallback):
-    """Make optimizer step ``skipped`` a no-op reported as skipped, as a GradScaler that found
-    non-finite gradients does through accelerate (``AcceleratedOptimizer.step_was_skipped``)."""
+class InfiniteLossAt(TrainerCallback):
+    """Make the training loss of optimizer step ``step`` infinite, so its gradients are not
+    finite and a GradScaler skips that step."""
 
-    def __init__(self, skipped: int) -> None:
-        self.skipped = skipped
+    def __init__(self, step: int) -> None:
+        self.step = step
 
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step + 1 == self.skipped:
-            optimizer.optimizer.step = lambda closure=None: None
-            optimizer._is_overflow = True
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        model.loss_factor = float("inf") if state.global_step + 1 == self.step else 1.0
 
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step == self.skipped:
-            del optimizer.optimizer.step
-            optimizer._is_overflow = False
+
+class ScaledLossNet(TinyNet):
+    loss_factor = 1.0
+
+    def forward(self, x, labels=None):
+        output = super().forward(x, labels)
+        if self.training:
+            output["loss"] = output["loss"] * self.loss_factor
+        return output
 
 
 class WeightsAtStepEnd(TrainerCallback):
@@ -160,18 +164,29 @@ class WeightsAtStepEnd(TrainerCallback):
         }
 
 
-def test_swa_does_not_average_skipped_steps(tmp_path):
+@pytest.mark.parametrize(
+    ("optim", "accelerate_reports_the_skip"),
+    # GradScaler runs fused AdamW's step, which skips inside: accelerate does not see that skip.
+    [("adamw_torch_fused", False), ("adamw_torch", True)],
+)
+def test_swa_does_not_average_skipped_steps(tmp_path, optim, accelerate_reports_the_skip):
     swa = SWACallback(swa_start=2, swap_at_end=False)
     ema = EMACallback(decay=0.9, use_warmup=False, swap_at_end=False)
     recorder = WeightsAtStepEnd()
-    Trainer(
-        model=TinyNet(),
-        args=make_args(tmp_path, max_steps=8),
+    trainer = Trainer(
+        model=ScaledLossNet(),
+        args=make_args(tmp_path, max_steps=8, optim=optim),
         train_dataset=Vectors(32),
-        callbacks=[SkipOptimizerStep(5), swa, ema, recorder],
-    ).train()
+        callbacks=[InfiniteLossAt(5), swa, ema, recorder],
+    )
+    # What accelerate sets up for fp16 on a GPU (it refuses fp16 on CPU): a GradScaler scaling
+    # the loss in backward and stepping the optimizer.
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
 
-    assert recorder.skipped == [5]
+    # One back-off of the scale: the scaler found non-finite gradients once and skipped.
+    assert scaler.get_scale() == 2.0**16 * scaler.get_backoff_factor()
+    assert recorder.skipped == ([5] if accelerate_reports_the_skip else [])
     # The skipped step left the weights as they were, as a real skip does.
     assert max_difference(recorder.weights[5], recorder.weights[4]) == 0.0
     assert max_difference(recorder.weights[6], recorder.weights[5]) > 1e-4
@@ -323,3 +338,61 @@ def test_ingredient_metrics_describe_the_saved_weights(
             else "SWACallback's average of 5 weight sets at step 6"
         )
         assert "metrics_of_other_weights" in caplog.text
+
+
+def test_wise_ft_after_an_average_interpolates_from_it(tmp_path):
+    model = tiny_vit()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    swa = SWACallback(swa_start=2)
+    wise_ft = WiSEFTCallback({"constant": lambda scored: 0.0}, alphas=[0.5])
+    ingredient = IngredientCallback(sweep_dir=tmp_path / "sweep", name="run")
+    trainer = _trainer(tmp_path / "run", [swa, wise_ft, ingredient], model=model)
+    trainer.train_dataset = RandomImages(16)
+    trainer.train()
+
+    # By hand: half the starting weights plus half SWA's average of steps 2, 3 and 4.
+    average = swa.averaged_state_dict()
+    expected = {k: 0.5 * start[k].double() + 0.5 * average[k].double() for k in average}
+    live = {k: v.detach() for k, v in model.state_dict().items() if k in expected}
+    assert max_difference(live, expected) < 1e-6
+    record = json.loads((tmp_path / "sweep" / "run" / "ingredient.json").read_text())
+    assert record["weights"] == (
+        "WiSE-FT interpolation at alpha=0.5 between the starting weights and the "
+        "SWACallback's average of 3 weight sets at step 4"
+    )
+
+
+def test_ingredient_metrics_of_several_eval_sets_half_on_the_average_are_set_aside(tmp_path):
+    # Only the first eval dataset is evaluated on the swapped-in average (the Trainer fires one
+    # on_evaluate per dataset): the metrics logged at the step mix two sets of weights.
+    swa = SWACallback(swa_start=2, evaluate_with_average=True)
+    ingredient = IngredientCallback(sweep_dir=tmp_path / "sweep", name="run")
+    sets = {"a": RandomImages(8, seed=3), "b": RandomImages(8, seed=4)}
+    trainer = Trainer(
+        model=tiny_vit(),
+        args=make_args(
+            tmp_path / "run",
+            max_steps=6,
+            learning_rate=3e-2,
+            eval_strategy="steps",
+            eval_steps=6,
+            per_device_eval_batch_size=4,
+        ),
+        train_dataset=RandomImages(24),
+        eval_dataset=sets,
+        callbacks=[swa, ingredient],
+    )
+    trainer.train()
+    folder = tmp_path / "sweep" / "run"
+    record = json.loads((folder / "ingredient.json").read_text())
+    logged = trainer.state.log_history
+    logged_a = next(e["eval_a_loss"] for e in logged if "eval_a_loss" in e)
+    logged_b = next(e["eval_b_loss"] for e in logged if "eval_b_loss" in e)
+    # By hand: set a was scored on the saved average, set b on other weights.
+    assert logged_a == pytest.approx(eval_loss_by_hand(folder, sets["a"]), rel=1e-5)
+    assert abs(logged_b - eval_loss_by_hand(folder, sets["b"])) > 1e-4
+    assert record["metrics"] == {} and record["metrics_step"] is None
+    assert record["metrics_of_other_weights"]["weights"] == (
+        "SWACallback's average of 5 weight sets on the first eval dataset, training weights "
+        "on the others at step 6"
+    )

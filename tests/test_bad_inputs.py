@@ -1,6 +1,7 @@
 """Every bad input fails with a specific error naming the culprit, and leaves no output behind."""
 
 import importlib
+import json
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import (
     assert_matches_reference,
@@ -134,6 +136,53 @@ def test_corrupted_header(setup, corrupt, expected):
     corrupted = corrupt(data)
     assert corrupted != data and len(corrupted) == len(data)
     file.write_bytes(corrupted)
+    fails_cleanly(outputs, CorruptedCheckpointError, [file, expected], [a, b])
+
+
+def _overlap_first_two(header):
+    first, second = sorted(
+        (name for name in header if name != "__metadata__"),
+        key=lambda name: header[name]["data_offsets"],
+    )[:2]
+    header[second]["data_offsets"][0] -= 4  # starts inside `first`
+    header[second]["data_offsets"][1] -= 4
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (_overlap_first_two, "overlaps"),
+        (lambda h: h["classifier.bias"].update(shape=[3.0]), "shape"),
+        (lambda h: h["classifier.bias"].update(shape=[-3]), "shape"),
+        (lambda h: h["classifier.bias"].update(shape=[True, 3]), "shape"),
+        (lambda h: h["classifier.bias"].update(note=[[[[]]]] * 2), None),  # ignored, as there
+        (lambda h: h["classifier.bias"].update(note="[" * 130 + "]" * 130), "nested 132 deep"),
+        (lambda h: h["classifier.bias"].update(note="[" * 50_000 + "]" * 50_000), "nested"),
+    ],
+    ids=["overlap", "float dim", "negative dim", "bool dim", "extra", "deep", "very deep"],
+)
+def test_headers_safetensors_refuses_are_refused(setup, edit, expected):
+    # Rewrites the JSON header (and its length) of a real checkpoint; safetensors' own reader is
+    # the reference for which files are valid.
+    a, b, outputs = setup
+    file = b / "model.safetensors"
+    data = file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    # Deep nesting is given as a string (json cannot write 50,000 levels), unquoted here.
+    text = json.dumps(header).replace('"[', "[").replace(']"', "]").encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    try:
+        with safe_open(file, "pt"):
+            safetensors_accepts = True
+    except Exception:  # noqa: BLE001 - any refusal
+        safetensors_accepts = False
+    assert safetensors_accepts == (expected is None)
+    if expected is None:
+        out = merge([a, b], outputs / "soup", progress=False)
+        assert_matches_reference(load_weights(out), weighted_reference([a, b], [0.5, 0.5]))
+        return
     fails_cleanly(outputs, CorruptedCheckpointError, [file, expected], [a, b])
 
 

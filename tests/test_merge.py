@@ -136,7 +136,7 @@ def test_clip_merge_loads_and_copies_tokenizer_and_processor(tmp_path):
     for name in extra:
         assert (out / name).read_bytes() == (folders[0] / name).read_bytes(), name
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*extra, "model.safetensors", "soup.json"]
+        [*extra, "model.safetensors", "soup.json", "README.md"]  # README.md: the model card
     )
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert (

@@ -479,3 +479,140 @@ def test_folder_without_config_is_refused(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(CorruptedCheckpointError, match="config.json"):
         load_model(tmp_path / "m")
+
+
+# --- zero-shot tasks, families, label checks -------------------------------------------------
+
+
+def test_zero_shot_task_templates_and_json_round_trip():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from hf_soups.models import ZeroShotTask
+
+    task = ZeroShotTask(["cat", "dog"], templates="openai_imagenet", text_model="org/clip")
+    # open_clip's copy of OpenAI's 80 ImageNet templates is the independent reference.
+    assert task.templates == tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+    assert len(task.templates) == 80
+    assert ZeroShotTask(["cat"]).templates == ("a photo of a {}.",)
+    assert ZeroShotTask(["cat"], templates="default").templates == ("a photo of a {}.",)
+    record = task.to_dict()
+    assert record == {
+        "classnames": ["cat", "dog"],
+        "templates": "openai_imagenet",
+        "text_model": "org/clip",
+    }
+    assert json.loads(json.dumps(record)) == record
+    assert ZeroShotTask.from_dict(record) == task
+    custom = ZeroShotTask(("a", "b"), templates=["{} here", "there: {}"], name="t")
+    assert ZeroShotTask.from_dict(custom.to_dict()) == custom
+    assert custom.to_dict()["templates"] == ["{} here", "there: {}"]
+    assert hash(custom) == hash(ZeroShotTask.from_dict(custom.to_dict()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"classnames": []}, "classnames: empty"),
+        ({"classnames": ["a", "b", "a"]}, "'a' appears more than once"),
+        ({"classnames": "cat"}, "not the string"),
+        ({"classnames": ["a"], "templates": ["a photo"]}, "'a photo' has no '{}'"),
+        ({"classnames": ["a"], "templates": []}, "templates: empty"),
+        ({"classnames": ["a"], "templates": "imagenet_80"}, "unknown template set 'imagenet_80'"),
+    ],
+)
+def test_zero_shot_task_rejects_bad_input_in_one_line(kwargs, message):
+    from hf_soups.errors import ZeroShotTaskError
+    from hf_soups.models import ZeroShotTask
+
+    with pytest.raises(ZeroShotTaskError, match=message) as caught:
+        ZeroShotTask(**kwargs)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ZeroShotTaskError, match="unknown key 'labels'"):
+        ZeroShotTask.from_dict({"classnames": ["a"], "labels": ["a"]})
+
+
+def test_detect_family_reads_the_layout(word_tokenizer, tmp_path):
+    from hf_soups.models import detect_family
+
+    tiny_clip(word_tokenizer, 0).save_pretrained(tmp_path / "clip")
+    tiny_clip(word_tokenizer, 0).vision_model.save_pretrained(tmp_path / "vision")
+    (tmp_path / "vision" / "config.json").write_text(
+        json.dumps(
+            {
+                **tiny_clip(word_tokenizer, 0).config.vision_config.to_dict(),
+                "architectures": ["CLIPVisionModel"],
+            }
+        )
+    )
+    _save_vit(0, tmp_path / "vit")
+    _save_clip(word_tokenizer, 0, tmp_path / "legacy")
+    make_tiny_open_clip_folder(tmp_path / "oc_head", seed=0)
+    shutil.copytree(tmp_path / "oc_head", tmp_path / "oc")
+    (tmp_path / "oc" / "classifier.safetensors").unlink()
+    config = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())
+    del config["hf_soups"]
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps(config))
+    found = {
+        name: detect_family(tmp_path / name)
+        for name in ("clip", "vision", "vit", "legacy", "oc_head", "oc")
+    }
+    assert {name: family.name for name, family in found.items()} == {
+        "clip": "clip",
+        "vision": "clip_vision",
+        "vit": "image_classifier",
+        "legacy": "hf_soups_clip_classifier",
+        "oc_head": "hf_soups_open_clip_classifier",
+        "oc": "open_clip",
+    }
+    cards = {name: family.card_metadata("org/x") for name, family in found.items()}
+    assert cards["clip"].pipeline_tag == "zero-shot-image-classification"
+    assert cards["vit"].pipeline_tag == "image-classification"
+    assert cards["legacy"].pipeline_tag is None and cards["legacy"].needs_hf_soups
+    assert cards["oc"].library_name == "open_clip" and not cards["oc"].needs_hf_soups
+    assert 'pipeline("image-classification", model="org/x")' in cards["vit"].snippet
+
+
+def test_clip_models_without_head_need_a_task_and_score_with_one(word_tokenizer, tmp_path):
+    from hf_soups.errors import ZeroShotTaskError
+    from hf_soups.models import ZeroShotTask, label_names_of
+
+    clip = tiny_clip(word_tokenizer, 3)
+    clip.save_pretrained(tmp_path / "clip")
+    word_tokenizer.save_pretrained(tmp_path / "clip")
+    with pytest.raises(ZeroShotTaskError, match="CLIPModel has no classification head.*task="):
+        load_model(tmp_path / "clip")
+    task = ZeroShotTask(DIGITS[:4], templates=["a photo of the digit {}", "the number {}"])
+    model = load_model(tmp_path / "clip", task=task)
+    assert label_names_of(model) == DIGITS[:4]
+    pixels = torch.randn(3, 3, 16, 16)
+
+    def encode(prompts):
+        tokens = word_tokenizer(prompts, padding=True, return_tensors="pt")
+        return clip.get_text_features(**tokens).pooler_output
+
+    with torch.no_grad():
+        head = reference_head(encode, DIGITS[:4], list(task.templates), clip.logit_scale)
+        image = clip.get_image_features(pixel_values=pixels).pooler_output.double()
+        expected = (image / image.norm(dim=-1, keepdim=True)) @ head.T
+        got = model(pixel_values=pixels).logits
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+    clip.vision_model.save_pretrained(tmp_path / "vision")
+    with pytest.raises(ZeroShotTaskError, match="CLIPVisionModel.*text_model="):
+        load_model(tmp_path / "vision", task=task)
+
+
+def test_check_labels_names_both_lists():
+    import datasets
+
+    from hf_soups.errors import LabelMismatchError
+    from hf_soups.models import check_labels
+
+    features = datasets.Features({"labels": datasets.ClassLabel(names=["a", "b", "c"])})
+    data = datasets.Dataset.from_dict({"labels": [0, 1, 2]}, features=features)
+    check_labels(["a", "b", "c"], data)
+    check_labels(None, data)  # a model that names no classes
+    check_labels(["x", "y"], datasets.Dataset.from_dict({"labels": [0, 1]}))  # plain ints
+    with pytest.raises(LabelMismatchError, match=r"\['a', 'b', 'c'\].*\['a', 'c', 'b'\]") as caught:
+        check_labels(["a", "c", "b"], data)
+    assert "\n" not in str(caught.value)

@@ -247,7 +247,13 @@ def make_model_folder(root: Path, name: str = "soup") -> Path:
         "dtype": None,
         "soup": {"method": "uniform", "weights": [0.5, 0.5]},
         "scores": {
-            "uniform soup": {"test": {"accuracy": 0.9, "interval": [0.88, 0.92], "n": 1000}}
+            "uniform soup": {
+                "test": {
+                    "metrics": {"accuracy": 0.9},
+                    "intervals": {"accuracy": [0.88, 0.92]},
+                    "n": 1000,
+                }
+            }
         },
         "plots": ["curve.png"],
     }
@@ -307,7 +313,9 @@ def test_push_folder_uploads_the_folder_in_one_commit(hub, tmp_path, caplog):
     assert (folder / "README.md").is_file()
     expected["README.md"] = (folder / "README.md").read_bytes()
     assert made["files"] == expected  # every file, byte for byte; .git left out
-    assert ModelCard(expected["README.md"].decode()).data.model_name == "my-soup"
+    # Named after the repository (the model-index, which would repeat the name, is absent: the
+    # recipe's eval set names no Hub dataset).
+    assert ModelCard(expected["README.md"].decode()).text.lstrip().startswith("# my-soup\n")
     # Weights went through the LFS protocol, small files inline, as on the Hub.
     assert set(hub.lfs) == {hashlib.sha256(expected["model.safetensors"]).hexdigest()}
     assert any(r["path"] == "/api/validate-yaml" for r in hub.requests)
@@ -419,7 +427,9 @@ def test_soup_push_to_hub(hub, tmp_path, caplog):
     assert recipe["soup"]["method"] == "uniform"
     card = ModelCard(files["README.md"].decode())
     assert "model-soup" in card.data.tags
-    assert all(str(f) in card.text for f in folders)
+    # Local ingredients are published by their folder names, in the card and the recipe.
+    assert all(f.name in card.text and str(f) not in card.text for f in folders)
+    assert [r["source"] for r in recipe["ingredients"]] == [f.name for f in folders]
     assert_token_confined(hub, caplog)
 
 
@@ -525,3 +535,21 @@ def test_the_old_import_path_is_the_hub_package():
 
     assert hf_soups.push.push_folder is hf_soups.hub.push_folder is push_folder
     assert hf_soups.push.HubPushError is hf_soups.hub.HubPushError is HubPushError
+
+
+def test_a_symlink_out_of_the_folder_is_refused(hub, tmp_path):
+    folder = make_model_folder(tmp_path)
+    secret = tmp_path / "private.txt"
+    secret.write_text("not for the Hub\n")
+    (folder / "notes.txt").symlink_to(secret)
+    before = folder_state(folder)
+    with pytest.raises(HubPushError, match="notes.txt link"):
+        push_folder(folder, "acme/leak", token=TOKEN)
+    assert not hub.requests and folder_state(folder) == before
+
+    # A link within the folder publishes a file that is in the folder anyway.
+    (folder / "notes.txt").unlink()
+    (folder / "notes.txt").symlink_to(folder / "extra" / "notes.txt")
+    push_folder(folder, "acme/fine", token=TOKEN)
+    (made,) = hub.commits
+    assert made["files"]["notes.txt"] == b"trained on 2 cores\n"

@@ -83,8 +83,8 @@ def _write_recipe(root: Path, name: str, recipe: dict) -> Path:
     return file
 
 
-def _run(recipe: Path, capsys) -> tuple[int, str, str]:
-    code = main(["-q", "soup", str(recipe)])
+def _run(recipe: Path, capsys, *options: str) -> tuple[int, str, str]:
+    code = main(["-q", "soup", str(recipe), *options])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -286,6 +286,11 @@ BAD_RECIPES = {
         ["'base'", "'fisher'"],
     ),
     "no output": ({"out": None}, ["'out'"]),
+    # bool("false") is True: a string where a boolean belongs must never mean overwrite.
+    "overwrite as a string": ({"overwrite": "false"}, ["'overwrite'", "true or false"]),
+    "ensemble as a number": ({"ensemble": 1}, ["'ensemble'", "true or false"]),
+    "output outside the recipe's folder": ({"out": "../elsewhere"}, ["outside", "absolute"]),
+    "source not a string": ({"sources": ["ingredients/ing0", 3]}, ["'sources'", "strings"]),
 }
 
 
@@ -329,8 +334,8 @@ def test_offline_recipe_runs_on_the_demo_layout(pool, tmp_path, capsys):
         shutil.copytree(folder, demo / "ingredients" / f"ingredient-{i:02d}")
     shutil.copytree(pool / "data" / "held_out", demo / "data" / "validation")
     shutil.copytree(pool / "data" / "test", demo / "data" / "test")
-    code, stdout, err = _run(Path(recipe), capsys)
-    assert code == 0, err
     out = demo / "greedy_soup_recipe"
+    code, stdout, err = _run(Path(recipe), capsys, "--out", str(out))
+    assert code == 0, err
     assert json.loads((out / "soup.json").read_text())["soup"]["method"] == "greedy"
     assert {"greedy soup", "ensemble", "best individual"} <= _table(stdout).keys()

@@ -1,6 +1,7 @@
 """``transformers.Trainer`` callbacks: SWA, EMA, soup-ingredient collection and WiSE-FT."""
 
-from hf_soups.callbacks._averaging import AveragedWeights, WeightAveragingCallback, update_bn
+from hf_soups.callbacks._averaging import AveragedWeights, WeightAveragingCallback
+from hf_soups.callbacks._batchnorm import update_bn
 from hf_soups.callbacks.ema import EMACallback
 from hf_soups.callbacks.ingredients import IngredientCallback
 from hf_soups.callbacks.swa import SWACallback

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,71 +22,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_soups.callbacks._batchnorm import update_bn
 from hf_soups.callbacks._ledger import Weights, weights_ledger
+from hf_soups.callbacks._trainer_io import (
+    checkpoint_dir,
+    distributed_world_size,
+    require_save_pretrained,
+    save_model_folder,
+    wait_for_everyone,
+    write_json_atomic,
+)
 from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
-from hf_soups.output import atomic_output_dir, check_output_dir
+from hf_soups.output import check_output_dir
 
 logger = logging.getLogger(__name__)
-
-
-def distributed_world_size() -> int:
-    """Number of processes in the default process group (1 when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def wait_for_everyone() -> None:
-    """Barrier across processes, so no rank reads a folder the main process is still writing."""
-    if distributed_world_size() > 1:
-        dist.barrier()
-
-
-def checkpoint_dir(args: TrainingArguments, step: int) -> Path:
-    """The folder the Trainer writes its checkpoint of ``step`` into."""
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-
-
-def write_json_atomic(path: Path, content: dict) -> None:
-    """Write ``content`` as JSON to ``path`` through a temporary file and an atomic rename."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
-
-
-def save_model_folder(
-    model: torch.nn.Module,
-    target: Path,
-    *,
-    processing_class: Any = None,
-    extra_files: Mapping[str, dict] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``model`` (and its processor/tokenizer) with ``save_pretrained`` into ``target``.
-
-    The folder is built beside ``target`` and renamed into place only when complete.
-    ``extra_files`` maps file names to JSON content written alongside the weights.
-    """
-    with atomic_output_dir(target, overwrite=overwrite) as temporary:
-        model.save_pretrained(temporary)
-        if processing_class is not None:
-            processing_class.save_pretrained(temporary)
-        for name, content in (extra_files or {}).items():
-            (temporary / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    return target
-
-
-def require_save_pretrained(model: torch.nn.Module, argument: str) -> None:
-    """Fail before training when a folder is asked for and ``model`` cannot write one."""
-    if not callable(getattr(model, "save_pretrained", None)):
-        raise HfSoupsError(
-            f"{argument} asks for a model folder, but {type(model).__name__} has no "
-            "save_pretrained; use a transformers (or PEFT) model, or leave it unset"
-        )
 
 
 def _averaged_tensors(
@@ -221,76 +172,6 @@ def _all_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for _, p in model.named_parameters()] + [b for _, b in model.named_buffers()]
 
 
-def _forward_batch(model: torch.nn.Module, batch: Any, device: torch.device | None) -> None:
-    if isinstance(batch, Mapping):
-        model(**{k: v.to(device) if torch.is_tensor(v) and device else v for k, v in batch.items()})
-    else:
-        if isinstance(batch, (list, tuple)):
-            batch = batch[0]
-        model(batch.to(device) if device is not None else batch)
-
-
-@torch.no_grad()
-def update_bn(
-    batches: Iterable[Any],
-    model: torch.nn.Module,
-    *,
-    device: torch.device | None = None,
-    max_batches: int | None = None,
-) -> int:
-    """Recompute BatchNorm running statistics with one pass over ``batches``.
-
-    The semantics of :func:`torch.optim.swa_utils.update_bn` (statistics reset, then a
-    cumulative average over batches with ``momentum=None``), extended to the dict batches a
-    Trainer's dataloader yields (``model(**batch)``). In a multi-process run each rank sees its
-    own shard, and the per-rank averages are combined weighted by batch counts, so every rank
-    ends with the same statistics.
-
-    Returns:
-        The number of batches seen by this process (0 when the model has no BatchNorm).
-    """
-    momenta = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.reset_running_stats()
-            momenta[module] = module.momentum
-    if not momenta:
-        return 0
-    was_training = model.training
-    model.train()
-    for module in momenta:
-        module.momentum = None
-    seen = 0
-    try:
-        for batch in tqdm(batches, desc="BatchNorm statistics", total=max_batches, leave=False):
-            if max_batches is not None and seen >= max_batches:
-                break
-            _forward_batch(model, batch, device)
-            seen += 1
-    finally:
-        for module, momentum in momenta.items():
-            module.momentum = momentum
-        model.train(was_training)
-    if distributed_world_size() > 1:
-        _combine_bn_statistics(list(momenta), seen)
-    return seen
-
-
-def _combine_bn_statistics(modules: list[torch.nn.Module], seen: int) -> None:
-    """Average per-rank cumulative statistics, weighted by each rank's number of batches."""
-    device = modules[0].running_mean.device
-    total = torch.tensor(float(seen), dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    for module in modules:
-        for name in ("running_mean", "running_var"):
-            statistic = getattr(module, name)
-            weighted = statistic.double() * seen
-            dist.all_reduce(weighted)
-            statistic.copy_(weighted / total.clamp_min(1))
-        module.num_batches_tracked.fill_(int(total.item()))
-
-
-#: Appended to the average's description when only the first eval dataset saw it.
 _MIXED_EVALUATION = " on the first eval dataset, training weights on the others"
 
 
@@ -334,6 +215,7 @@ class WeightAveragingCallback(TrainerCallback):
         self._warned_partial_eval = False
         self._loaded_from: tuple[Path, int] | None = None
         self._pending_state: tuple[dict, Path | None] | None = None
+        self._scale_before_step: float | None = None
 
     # ---- what subclasses define -------------------------------------------------------------
 
@@ -394,12 +276,18 @@ class WeightAveragingCallback(TrainerCallback):
         else:
             self._pending_state = None
 
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scaler = getattr(optimizer, "scaler", None)
+        self._scale_before_step = (
+            scaler.get_scale()
+            if not self.averages_skipped_steps and scaler is not None and scaler.is_enabled()
+            else None
+        )
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # The Trainer increments global_step after this event: this is optimizer step global_step+1.
         step = state.global_step + 1
-        # The Trainer asks the accelerator only after this event whether the step was skipped,
-        # but the accelerator reads it from the optimizer, which knows it as soon as it stepped.
-        if not self.averages_skipped_steps and getattr(optimizer, "step_was_skipped", False):
+        if not self.averages_skipped_steps and self._step_was_skipped(optimizer):
             logger.debug(
                 "%s: optimizer step %d was skipped (non-finite gradients); not averaged",
                 type(self).__name__,
@@ -407,6 +295,21 @@ class WeightAveragingCallback(TrainerCallback):
             )
             return
         self._update(step, state)
+
+    def _step_was_skipped(self, optimizer: Any) -> bool:
+        """Whether mixed precision skipped the optimizer step that just ran.
+
+        accelerate's ``step_was_skipped`` (what the Trainer asks, after this event) infers a skip
+        from the wrapped optimizer's ``step`` not being called. A GradScaler calls it anyway for
+        an optimizer that handles scaling itself (fused AdamW, the Trainer's default), which
+        then skips the update inside, so the flag stays False. A skip always makes the scaler
+        back off its scale, which the scaler reports whatever the optimizer.
+        """
+        if getattr(optimizer, "step_was_skipped", False):
+            return True
+        if self._scale_before_step is None:
+            return False
+        return optimizer.scaler.get_scale() < self._scale_before_step
 
     # The Trainer has no event before an evaluation: DefaultFlowCallback (which runs first) sets
     # `should_evaluate` in on_step_end/on_epoch_end, and the evaluation follows right after.

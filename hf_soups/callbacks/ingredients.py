@@ -16,13 +16,13 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerState, TrainingArguments
 
-from hf_soups.callbacks._averaging import (
+from hf_soups.callbacks._ledger import TRAINING, Weights, weights_ledger
+from hf_soups.callbacks._trainer_io import (
     require_save_pretrained,
     save_model_folder,
     wait_for_everyone,
     write_json_atomic,
 )
-from hf_soups.callbacks._ledger import TRAINING, Weights, weights_ledger
 from hf_soups.ingredients import INGREDIENT_METADATA_FILE
 from hf_soups.output import check_output_dir
 

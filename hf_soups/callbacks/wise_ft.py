@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
-from hf_soups.callbacks._averaging import (
+from hf_soups.callbacks._ledger import Weights, weights_ledger
+from hf_soups.callbacks._trainer_io import (
     checkpoint_dir,
     distributed_world_size,
     save_model_folder,
     wait_for_everyone,
     write_json_atomic,
 )
-from hf_soups.callbacks._ledger import Weights, weights_ledger
 from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
 from hf_soups.output import check_output_dir
 
@@ -257,10 +257,9 @@ class WiSEFTCallback(TrainerCallback):
                 record_file.parent,
                 default,
             )
-        if (
-            not (folder / "config.json").is_file()
-            and not (folder / "open_clip_config.json").is_file()
-        ):
+        from hf_soups.models.families import is_checkpoint
+
+        if not is_checkpoint(folder):
             raise HfSoupsError(
                 f"WiSE-FT: resuming at step {step}, but the weights training started from are "
                 f"not in {folder}; they cannot be recovered from the checkpoint. Set "

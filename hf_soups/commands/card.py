@@ -16,11 +16,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model-name", help="title and model-index name (default: the folder's name)"
     )
+    parser.add_argument(
+        "--license",
+        help="the model's license, a Hub license id such as 'mit' (recorded in soup.json; "
+        "default: the license all ingredients' cards agree on, else none)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from hf_soups.cards import write_card
 
-    path = write_card(args.folder, model_name=args.model_name)
+    path = write_card(args.folder, model_name=args.model_name, license=args.license)
     print(f"Wrote {path}")

@@ -3,7 +3,7 @@
 Prints pairwise weight statistics, interpolation barriers (with ``--recipe``) and a verdict per
 checkpoint; with ``--out``, also writes ``diagnostics.json`` and the plots there. The recipe
 holds one eval set under ``held_out``, with the keys of a soup recipe's ``held_out`` (see
-:mod:`hf_soups.soup_recipe`); a soup recipe itself works, its other keys are not used::
+:mod:`hf_soups.recipe.soup_file`); a soup recipe itself works, its other keys are not used::
 
     held_out:
       dataset: data/validation   # a Dataset.save_to_disk folder, relative to this file
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from hf_soups.diagnostics import check_soupability, write_plots
     from hf_soups.output import atomic_output_dir, check_output_dir
-    from hf_soups.soup_recipe import load_held_out
+    from hf_soups.recipe.soup_file import load_held_out
 
     inputs = [*args.sources, *([args.base] if args.base else [])]
     if args.out is not None:

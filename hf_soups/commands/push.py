@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from hf_soups.push import push_folder
+    from hf_soups.hub import push_folder
 
     commit = push_folder(
         args.folder,

@@ -1,6 +1,6 @@
 """``hf-soups soup RECIPE.yaml``: build a soup described in a YAML recipe.
 
-The recipe format and its runner live in :mod:`hf_soups.soup_recipe`; this module only parses
+The recipe format and its runner live in :mod:`hf_soups.recipe.soup_file`; this module only parses
 the command line.
 """
 
@@ -16,7 +16,7 @@ _MOVED = ("METHODS", "SOUP_METHODS", "parse_recipe", "run_recipe")
 
 def __getattr__(name: str):
     if name in _MOVED:
-        return getattr(importlib.import_module("hf_soups.soup_recipe"), name)
+        return getattr(importlib.import_module("hf_soups.recipe.soup_file"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "soup",
         help="build a soup (uniform, greedy, learned or a merge method) from a YAML recipe",
         description="Build a soup described in a YAML recipe: its sources, method, held-out "
-        "data, eval sets, output folder and optional push to the Hub (see the hf_soups.soup_recipe "
+        "data, eval sets, output folder and optional push to the Hub (see the hf_soups.recipe.soup_file "
         "module for the format).",
     )
     parser.add_argument("recipe", help="the soup recipe (YAML)")
@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from hf_soups.soup_recipe import run_recipe
+    from hf_soups.recipe.soup_file import run_recipe
 
-    run_recipe(args.recipe, out=args.out, overwrite=args.overwrite)
+    soup = run_recipe(args.recipe, out=args.out, overwrite=args.overwrite)
+    print(soup.report())

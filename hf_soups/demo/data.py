@@ -48,7 +48,7 @@ def _features() -> Features:
     return Features(
         {
             "pixel_values": Array3D(shape=(NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), dtype="float32"),
-            "labels": ClassLabel(names=list(LABEL_NAMES)),
+            "labels": ClassLabel(names=list(CLASSNAMES)),
         }
     )
 

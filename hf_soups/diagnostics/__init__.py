@@ -37,6 +37,7 @@ from hf_soups.diagnostics.weights import (
 )
 from hf_soups.evaluation import Evaluator
 from hf_soups.merge import IngredientLike, as_ingredients
+from hf_soups.models import ZeroShotTask
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def check_soupability(
     thresholds: Thresholds | None = None,
     plots_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    task: ZeroShotTask | None = None,
 ) -> DiagnosticsReport:
     """Measure whether the ingredients can be averaged, and judge each one.
 
@@ -94,6 +96,7 @@ def check_soupability(
         thresholds: see :class:`Thresholds`.
         plots_dir: write the plots there (their names are in ``report.plots``).
         progress: progress bars.
+        task: class names and templates for scoring CLIP models without a head.
 
     Returns:
         A :class:`DiagnosticsReport`; every warning or failure is also logged as a warning.
@@ -117,6 +120,7 @@ def check_soupability(
             loss=loss,
             higher_is_better=higher_is_better,
             progress=progress,
+            task=task,
         )
     thresholds = thresholds or Thresholds()
     verdicts = judge(stats, paths, reference=reference, thresholds=thresholds)

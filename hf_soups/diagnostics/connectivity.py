@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import Ingredient, check_compatible
 from hf_soups.merge import IngredientLike, as_ingredients, weighted_state_dict
-from hf_soups.models import load_model
+from hf_soups.models import ZeroShotTask, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ def linear_mode_connectivity(
     loss: bool | str = True,
     higher_is_better: bool = True,
     progress: bool = True,
+    task: ZeroShotTask | None = None,
 ) -> list[InterpolationPath]:
     """Score the linear paths between ingredients and measure their barriers.
 
@@ -258,6 +259,7 @@ def linear_mode_connectivity(
             string names a loss metric the evaluator already computes; ``False``: no loss.
         higher_is_better: ``False`` when the primary metric is a loss.
         progress: show a progress bar over the models scored.
+        task: class names and templates for scoring CLIP models without a head.
 
     Returns:
         One :class:`InterpolationPath` per pair. Endpoint models shared by several paths (the
@@ -292,7 +294,7 @@ def linear_mode_connectivity(
             state_dict = weighted_state_dict(
                 [ingredients[k] for k in used], [float(weights[k]) for k in used]
             )
-            cache[key] = scoring.evaluate(load_model(template, state_dict), name=label)
+            cache[key] = scoring.evaluate(load_model(template, state_dict, task=task), name=label)
             bar.update()
         return cache[key]
 

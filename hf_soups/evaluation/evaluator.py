@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from hf_soups.evaluation.data import build_dataloader, dataset_length
 from hf_soups.evaluation.metrics import BoundMetric, MetricsArg, Outputs, resolve_metrics
 from hf_soups.evaluation.result import EvalResult
+from hf_soups.models.labels import check_labels, label_names_of
 from hf_soups.stats import bootstrap_interval
 
 __all__ = ["Evaluator"]
@@ -278,6 +279,7 @@ class Evaluator:
     def evaluate(self, model: nn.Module, *, name: str | None = None) -> EvalResult:
         """Score one model. `name` labels the result (default: the evaluator's name)."""
         name = name or self.name
+        check_labels(label_names_of(model), self.dataset, label_column=self.label_column)
         result = self._result(self._run([model], name), name)
         if self.accelerator.is_main_process:
             logger.info(result.summary())

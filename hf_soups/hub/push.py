@@ -9,14 +9,17 @@ The token comes from the usual places: the ``token`` argument, ``HF_TOKEN``, or 
 ``hf auth login``. It is never logged, and it is kept out of error messages and of the uploaded
 files: a folder whose files contain the token is refused before anything is sent.
 
-Nothing in the folder changes before the Hub has accepted the push: a missing model card is
-rendered in memory, committed with the files, and written into the folder only afterwards.
+The recipe goes up as :meth:`~hf_soups.recipe.Recipe.public` writes it, local sources named by
+their folder names only, as the card names them. Nothing in the folder changes before the Hub
+has accepted the push: a missing model card is rendered in memory, committed with the files, and
+written into the folder only afterwards.
 :func:`check_push_access` lets a caller that builds the folder first (a soup recipe with
 ``push_to_hub``) find an unreachable Hub or a refused token before any merging.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -31,8 +34,8 @@ from huggingface_hub.utils import (
 )
 
 from hf_soups.cards import CARD_FILE, render_card, write_card
-from hf_soups.errors import HfSoupsError, HubPushError
-from hf_soups.merge import RECIPE_FILE
+from hf_soups.errors import HubPushError
+from hf_soups.recipe.schema import RECIPE_FILE, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +70,20 @@ def _resolve_token(token: str | bool | None) -> str | None:
 
 
 def _folder_files(folder: Path) -> list[str]:
+    """The files to upload; a symlink leading out of the folder is refused, as it would
+    publish whatever it points to."""
     paths = sorted(
         path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
     )
-    return list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    files = list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    root = folder.resolve()
+    outside = [name for name in files if root not in (folder / name).resolve().parents]
+    if outside:
+        raise HubPushError(
+            f"{folder}: refusing to push, {', '.join(outside)} link(s) to files outside the "
+            "folder; copy what should be published into it"
+        )
+    return files
 
 
 def _contains(file: Path, needle: bytes) -> bool:
@@ -106,16 +119,24 @@ def _check_no_token(
         )
 
 
-def _default_commit_message(folder: Path) -> str:
-    from hf_soups.cards import load_recipe
-
-    try:
-        recipe = load_recipe(folder)
-    except (FileNotFoundError, HfSoupsError):
+def _default_commit_message(recipe: Recipe | None) -> str:
+    if recipe is None:
         return "Upload model with hf_soups"
-    soup = recipe.get("soup") if isinstance(recipe.get("soup"), dict) else {}
-    what = f"{soup['method']} soup" if soup.get("method") else recipe.get("method", "merge")
-    return f"Upload {what} made with {recipe.get('library') or 'hf_soups'}"
+    what = f"{recipe.soup.method} soup" if recipe.soup else recipe.method
+    return f"Upload {what} made with {recipe.library or 'hf_soups'}"
+
+
+def _public_recipe(recipe: Recipe | None) -> bytes | None:
+    """``soup.json`` as published, when it differs from the folder's: local sources reduced to
+    their folder names (:meth:`Recipe.public`)."""
+    if recipe is None:
+        return None
+    public = recipe.public()
+    return None if public == recipe else (json.dumps(public.to_dict(), indent=2) + "\n").encode()
+
+
+def _card_names(repo_id: str) -> dict[str, str]:
+    return {"model_name": repo_id.split("/")[-1], "repo_id": repo_id}
 
 
 def _needs_branch(revision: str | None) -> bool:
@@ -209,15 +230,17 @@ def push_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder to push")
     _check_repo_id(repo_id)
+    recipe = Recipe.load(folder) if (folder / RECIPE_FILE).exists() else None
     card = None
-    if write_missing_card and not (folder / CARD_FILE).exists() and (folder / RECIPE_FILE).exists():
-        card = str(render_card(folder, model_name=repo_id.split("/")[-1]))
+    if write_missing_card and not (folder / CARD_FILE).exists() and recipe is not None:
+        card = str(render_card(folder, recipe=recipe, **_card_names(repo_id)))
+    public_recipe = _public_recipe(recipe)
     files = _folder_files(folder)
     if not files:
         raise HubPushError(f"{folder}: nothing to push, the folder is empty")
     secret = _resolve_token(token)
     _check_no_token(folder, files, secret, card)
-    commit_message = commit_message or _default_commit_message(folder)
+    commit_message = commit_message or _default_commit_message(recipe)
     size = sum((folder / name).stat().st_size for name in files)
     logger.info(
         "Pushing %d files (%.1f MB) from %s to %s%s",
@@ -229,7 +252,13 @@ def push_folder(
     )
     check_push_access(repo_id, private=private, token=token, revision=revision)
     operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files
+        CommitOperationAdd(
+            path_in_repo=name,
+            path_or_fileobj=public_recipe
+            if name == RECIPE_FILE and public_recipe is not None
+            else folder / name,
+        )
+        for name in files
     ]
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card.encode()))
@@ -246,6 +275,6 @@ def push_folder(
         ) from None
     if card is not None:
         # The folder now matches the repository; written only once the Hub took the commit.
-        write_card(folder, model_name=repo_id.split("/")[-1])
+        write_card(folder, **_card_names(repo_id))
     logger.info("Pushed %s to %s", folder, commit.commit_url)
     return commit

@@ -18,12 +18,15 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from hf_soups.errors import IngredientNotFoundError
+from hf_soups.models.families.base import CONFIG_FILES
 
 logger = logging.getLogger(__name__)
 
-# Weights in safetensors plus the small files a merged folder needs (config, processor, tokenizer,
-# recipes). Pickles are fetched only when the user opts in.
-SAFE_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
+# The small files a merged folder needs (config, processor, tokenizer, recipes). Weights are
+# fetched per layout: the safetensors of the checkpoint's family only (never tf_model.h5 nor
+# flax_model.msgpack, nor the other format of a repo holding two), its pickles only on opt-in.
+SMALL_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja"]
+SAFE_PATTERNS = ["*.safetensors", *SMALL_FILE_PATTERNS]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 
 
@@ -45,11 +48,15 @@ def resolve_source(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     allow_pickle: bool = False,
+    weights_format: str | None = None,
 ) -> tuple[Path, str | None]:
     """Return the local folder holding ``source`` and the resolved commit (None for folders).
 
     A path that exists locally is used as is. Anything else is treated as a Hub repo id and
-    fetched with ``snapshot_download`` (``HF_HUB_OFFLINE`` and the Hub cache are honoured).
+    fetched with ``snapshot_download`` (``HF_HUB_OFFLINE`` and the Hub cache are honoured):
+    first its config files, which tell the model family (``weights_format`` chooses between
+    the two formats of a repo holding both), then, at the same commit, the small files and that
+    family's weights.
 
     Raises:
         IngredientNotFoundError: naming the source, when it is neither a folder nor a reachable
@@ -67,16 +74,23 @@ def resolve_source(
         raise IngredientNotFoundError(
             f"{source}: no such folder, and not a valid Hub repo id"
         ) from None
-    patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
-    try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=patterns,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=bool(local_files_only),
+
+    # First the config files, which tell the family, then the files that family needs.
+    def download(patterns: list[str], at: str | None) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=at,
+                allow_patterns=patterns,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=bool(local_files_only),
+            )
         )
+
+    try:
+        configs = download(list(CONFIG_FILES), revision)
+        folder = download(_weight_patterns(configs, weights_format, allow_pickle), revision)
     except (RepositoryNotFoundError, GatedRepoError) as error:
         raise IngredientNotFoundError(
             f"{source}: Hub repository not found or not accessible ({type(error).__name__})"
@@ -92,6 +106,21 @@ def resolve_source(
             + (f" at revision {revision!r}" if revision else "")
             + " (offline, or the Hub could not be reached)"
         ) from None
-    folder = Path(folder)
     # A snapshot folder is named after the commit it holds.
+    if folder.name != configs.name:
+        raise IngredientNotFoundError(
+            f"{source}: moved from commit {configs.name} to {folder.name} while being fetched"
+        )
     return folder, folder.name
+
+
+def _weight_patterns(folder: Path, weights_format: str | None, pickles: bool) -> list[str]:
+    """What to fetch of a repo whose config files are in `folder`: small files plus the weights
+    of its family (and its pickles too, when `pickles`)."""
+    from hf_soups.models.families import CheckpointFiles, family_of
+
+    family = family_of(CheckpointFiles.read(folder), weights_format)
+    if family is None:  # no config: weights of any name, as the folder is read
+        return SAFE_PATTERNS + (PICKLE_PATTERNS if pickles else [])
+    pickle_files = family.pickle_files if pickles else ()
+    return [*SMALL_FILE_PATTERNS, *family.weight_patterns(), *pickle_files]

@@ -16,8 +16,8 @@ products; (4) steps the coefficients (:mod:`~hf_soups.learned.coefficients`). Me
 model's weights and gradients plus the tensors in flight, whatever N. Tensors the loss does not
 reach through autograd (a CLIP classifier's text tower) are found on one example before the fit:
 they are never read, keep the first ingredient's values during the fit, and get no learned
-coefficients (a learned-by-layer soup gives them the uniform weights the official code would
-leave them at).
+coefficients (a learned-by-layer soup mixes them with the per-model weights, as it mixes the
+stored tensors a ``task``'s computed head stands in for).
 
 With ``block_size=K`` (MEHL-Soup's block coordinate descent) a step updates K random ingredients:
 the dot products need only their tensors and the mixed weights are updated from them, so a step
@@ -48,6 +48,7 @@ from hf_soups.ingredients import Ingredient
 from hf_soups.learned.coefficients import MixingCoefficients, Parameterisation
 from hf_soups.learned.mixed import CoefficientGradients, MixedModel
 from hf_soups.learned.placement import MEMORY_CHOICES, Memory
+from hf_soups.models import ZeroShotTask
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def fit_mixing_coefficients(
     device: str | torch.device | None = None,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    task: ZeroShotTask | None = None,
 ) -> LearnedCoefficients:
     """Fit mixing coefficients on held-out ``dataset`` by minimising cross-entropy.
 
@@ -130,6 +132,7 @@ def fit_mixing_coefficients(
         accelerator: the ``Accelerator`` whose processes share the data (default: the running
             ``PartialState``; one process unless under ``accelerate launch``).
         progress: show a progress bar (on the local main process).
+        task: scores CLIP ingredients without a head (see :func:`hf_soups.models.load_model`).
     """
     if memory not in MEMORY_CHOICES:
         raise ValueError(f"memory={memory!r}: expected one of {MEMORY_CHOICES}")
@@ -159,6 +162,7 @@ def fit_mixing_coefficients(
         dtype=dtype,
         probe=fetch([0])[0],
         input_column=input_column,
+        task=task,
     )
     coefs = MixingCoefficients(mixed.num_rows, n, coefficients, lr=lr, device=device, dtype=dtype)
     order = torch.Generator().manual_seed(seed)
@@ -218,11 +222,7 @@ def fit_mixing_coefficients(
     alpha = coefs.weights().cpu().double()
     tensor_weights = None
     if by_layer:
-        uniform = [1.0 / n] * n
-        tensor_weights = {
-            name: alpha[mixed.rows[name]].tolist() if name in mixed.rows else uniform
-            for name in mixed.disk_names
-        }
+        tensor_weights = {name: alpha[row].tolist() for name, row in mixed.rows.items()}
     return LearnedCoefficients(
         model_weights=alpha.mean(dim=0).tolist(),
         tensor_weights=tensor_weights,

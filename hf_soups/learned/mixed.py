@@ -22,7 +22,7 @@ from hf_soups.errors import HfSoupsError
 from hf_soups.ingredients import Ingredient
 from hf_soups.learned.names import disk_names
 from hf_soups.learned.placement import IngredientTensors, Memory, choose_memory
-from hf_soups.models import load_model, logits_of
+from hf_soups.models import ZeroShotTask, load_model, logits_of
 
 
 @dataclass
@@ -70,6 +70,9 @@ class MixedModel:
             (a CLIP classifier's text tower) are left out: never read, never mixed (they keep
             the first ingredient's values), no coefficients.
         input_column: the keyword the model takes its inputs by.
+        task: scores CLIP ingredients without a head (:func:`hf_soups.models.load_model`); the
+            head it builds from the first ingredient's text tower is computed, not stored, and
+            stays fixed like the frozen tensors.
     """
 
     def __init__(
@@ -82,17 +85,17 @@ class MixedModel:
         dtype: torch.dtype,
         probe: torch.Tensor,
         input_column: str = "pixel_values",
+        task: ZeroShotTask | None = None,
     ):
         self.input_column = input_column
-        self.model = load_model(ingredients[0]).to(device=device, dtype=dtype).eval()
+        self.model = load_model(ingredients[0], task=task).to(device=device, dtype=dtype).eval()
         self.tensors = _floating_tensors(self.model)
-        reached = self._reached(probe)
+        self.disk_names = disk_names(ingredients[0], task)
+        reached = [name for name in self._reached(probe) if name in self.disk_names]
         if not reached:
-            raise HfSoupsError("learned soup: the loss reaches none of the model's tensors")
-        self.disk_names = disk_names(ingredients[0])
-        unstored = [name for name in reached if name not in self.disk_names]
-        if unstored:
-            raise HfSoupsError(f"learned soup: in-memory tensor {unstored[0]!r} is not stored")
+            raise HfSoupsError("learned soup: the loss reaches none of the stored tensors")
+        for name, tensor in self.tensors.items():
+            tensor.requires_grad_(name in reached)
         self.rows = {name: (row if by_layer else 0) for row, name in enumerate(reached)}
         self.num_rows = len(reached) if by_layer else 1
         numel = sum(self.tensors[name].numel() for name in reached)
@@ -109,7 +112,7 @@ class MixedModel:
 
     @property
     def frozen(self) -> list[str]:
-        """In-memory names of the stored floating tensors the loss does not reach."""
+        """In-memory names of the loaded floating tensors the loss does not reach."""
         return [name for name in self.disk_names if name not in self.rows]
 
     def _reached(self, probe: torch.Tensor) -> list[str]:
@@ -117,10 +120,7 @@ class MixedModel:
             tensor.requires_grad_(True)
         logits = logits_of(self.model(**{self.input_column: probe}))
         grads = torch.autograd.grad(logits.sum(), list(self.tensors.values()), allow_unused=True)
-        reached = [name for name, grad in zip(self.tensors, grads) if grad is not None]
-        for name, tensor in self.tensors.items():
-            tensor.requires_grad_(name in reached)
-        return reached
+        return [name for name, grad in zip(self.tensors, grads) if grad is not None]
 
     @torch.no_grad()
     def mix(self, alpha: torch.Tensor) -> None:

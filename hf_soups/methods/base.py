@@ -75,6 +75,12 @@ def check_weights(weights: Sequence[float], num_ingredients: int) -> list[float]
     return weights
 
 
+def first_weighted(weights: Sequence[float]) -> int:
+    """Index of the first non-zero weight (0 when none is): the ingredient whose integer
+    buffers a merge copies, since one weighted out contributes nothing to the merge."""
+    return next((index for index, weight in enumerate(weights) if weight != 0.0), 0)
+
+
 # Weights from a softmax or 1/N sum to one only up to rounding.
 _SUM_TOLERANCE = 1e-5
 
@@ -112,8 +118,7 @@ class WeightedAverage(MergeMethod):
             )
 
     def buffer_source(self, num_ingredients: int) -> int:
-        """The first ingredient with a non-zero weight: one weighted out contributes nothing."""
-        return next((i for i, weight in enumerate(self.weights) if weight != 0.0), 0)
+        return first_weighted(self.weights)
 
     def merge_tensor(
         self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None

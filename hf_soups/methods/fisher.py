@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from hf_soups.errors import IncompatibleIngredientsError, InvalidWeightsError
 from hf_soups.ingredients import Ingredient
-from hf_soups.methods.base import MergeMethod, TensorLoader, check_weights
+from hf_soups.methods.base import MergeMethod, TensorLoader, check_weights, first_weighted
 from hf_soups.output import atomic_output_dir, check_output_dir
 
 if TYPE_CHECKING:
@@ -266,6 +266,9 @@ class FisherAverage(MergeMethod):
                     f"weights: Fisher averaging needs non-negative weights, not all zero; got "
                     f"{weights}"
                 )
+
+    def buffer_source(self, num_ingredients: int) -> int:
+        return first_weighted(self.weights or [1.0])
 
     def _fisher(self, index: int, name: str, shape: torch.Size) -> torch.Tensor:
         fisher = self.fishers[index]

@@ -20,7 +20,7 @@ import torch
 
 from hf_soups import citations
 from hf_soups.errors import InvalidWeightsError
-from hf_soups.methods.base import MergeMethod, TensorLoader
+from hf_soups.methods.base import MergeMethod, TensorLoader, first_weighted
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ class Interpolation(MergeMethod):
                 f"WiSE-FT interpolates exactly two models (zero-shot, fine-tuned); got "
                 f"{num_ingredients}"
             )
+
+    def buffer_source(self, num_ingredients: int) -> int:
+        return first_weighted([1.0 - self.alpha, self.alpha])
 
     def merge_tensor(
         self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None

@@ -1,48 +1,82 @@
-"""Model families: how each is loaded from a folder and used as an image classifier.
+"""Model families: which files a checkpoint has, how it loads as a classifier, its card metadata.
 
-One module per family: :mod:`~hf_soups.models.clip` (transformers CLIP with a zero-shot head),
-:mod:`~hf_soups.models.open_clip` (open_clip, in its Hub folder layout) and
-:mod:`~hf_soups.models.transformers_auto` (ViT and any transformers class named in
-``config.json``); :mod:`~hf_soups.models.zero_shot` builds heads from class names and templates.
-:func:`load_model` picks the family from the files of a folder.
+One module per family under :mod:`hf_soups.models.families` (transformers ``CLIPModel``,
+``CLIPVisionModel`` fine-tunes, open_clip, ViT and other transformers classifiers, and hf_soups'
+own CLIP classifier folders), registered in :data:`~hf_soups.models.families.FAMILIES`;
+:func:`~hf_soups.models.families.detect_family` tells a folder's family from its files.
+:func:`load_model` loads any of them as a scoring classifier; CLIP models without a head are
+scored through a :class:`ZeroShotTask` (class names and prompt templates).
 
 Every classifier follows one forward contract (:class:`ImageClassifier`): called as
 ``model(pixel_values=x)`` it returns the logits ``[batch, num_classes]``, or an object whose
 ``.logits`` they are (transformers' ``ImageClassifierOutput``); :func:`logits_of` takes either.
+Its class names are :func:`label_names_of` it (``model.label_names``); :func:`check_labels`
+compares them with a dataset's.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from hf_soups.errors import CorruptedCheckpointError
-from hf_soups.models.clip import CLIPZeroShotClassifier, make_word_tokenizer
-from hf_soups.models.open_clip import OpenCLIPZeroShotClassifier, load_open_clip
-from hf_soups.models.transformers_auto import (
-    UnsupportedArchitectureError,
-    load_transformers_model,
-    resolve_architecture,
-)
-from hf_soups.models.zero_shot import Template, build_zero_shot_head, fill_templates
+from hf_soups.models.families import ModelFamily, detect_family
+from hf_soups.models.labels import check_labels, label_names_of
+from hf_soups.models.task import ZeroShotTask
+
+if TYPE_CHECKING:
+    from hf_soups.models.clip import CLIPZeroShotClassifier, make_word_tokenizer
+    from hf_soups.models.open_clip import OpenCLIPZeroShotClassifier
+    from hf_soups.models.scoring import ZeroShotScorer
+    from hf_soups.models.transformers_auto import (
+        UnsupportedArchitectureError,
+        resolve_architecture,
+    )
+    from hf_soups.models.zero_shot import Template, build_zero_shot_head, fill_templates
 
 logger = logging.getLogger(__name__)
+
+# Names defined in modules that import transformers or open_clip, loaded on first use so that
+# indexing a checkpoint (which detects its family) does not wait for them.
+_LAZY = {
+    "CLIPZeroShotClassifier": "hf_soups.models.clip",
+    "make_word_tokenizer": "hf_soups.models.clip",
+    "OpenCLIPZeroShotClassifier": "hf_soups.models.open_clip",
+    "ZeroShotScorer": "hf_soups.models.scoring",
+    "UnsupportedArchitectureError": "hf_soups.models.transformers_auto",
+    "resolve_architecture": "hf_soups.models.transformers_auto",
+    "Template": "hf_soups.models.zero_shot",
+    "build_zero_shot_head": "hf_soups.models.zero_shot",
+    "fill_templates": "hf_soups.models.zero_shot",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_soups.models' has no attribute {name!r}")
+
 
 __all__ = [
     "CLIPZeroShotClassifier",
     "ImageClassifier",
+    "ModelFamily",
     "OpenCLIPZeroShotClassifier",
     "Template",
     "UnsupportedArchitectureError",
+    "ZeroShotScorer",
+    "ZeroShotTask",
     "build_zero_shot_head",
+    "check_labels",
+    "detect_family",
     "fill_templates",
+    "label_names_of",
     "load_model",
     "logits_of",
     "make_word_tokenizer",
@@ -93,37 +127,46 @@ def load_model(
     source: str | os.PathLike | Any,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     *,
+    task: ZeroShotTask | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """Load the model of a folder, in eval mode, optionally with other weights.
+    """Load the model of a checkpoint as a classifier, in eval mode, optionally with other weights.
 
     Args:
         source: a model folder, a Hub id (``org/name@rev``, resolved through the cache), or an
-            ``Ingredient`` (anything with a ``.path``).
+            ``Ingredient`` (anything with a ``.path``; its chosen weights format is kept).
         state_dict: weights keyed as on disk (the names in the folder's safetensors files, across
             all of them), for example a soup from ``hf_soups.merge.weighted_state_dict``; used
             instead of the folder's weights and required to fit the model exactly.
+        task: class names and prompt templates. Required for CLIP models without a head:
+            ``CLIPModel`` and open_clip folders get the head from their own text tower,
+            ``CLIPVisionModel`` folders from ``task.text_model``. For models with a head (ViT,
+            hf_soups' CLIP classifiers) it is optional and must name the same classes.
         trust_remote_code: allow code shipped in a transformers checkpoint to run.
 
-    The family is read from the folder: ``open_clip_config.json`` gives an open_clip model
-    (an :class:`OpenCLIPZeroShotClassifier` when there is a head), ``config.json`` the class its
-    ``architectures`` names (:class:`CLIPZeroShotClassifier`, or a transformers class).
+    Returns:
+        A module whose ``forward(pixel_values=...)`` gives logits (or an output with
+        ``.logits``), with its class names in ``label_names``. For CLIP models this is an
+        in-memory scorer (:class:`ZeroShotScorer`), never a format to save: merged folders keep
+        their ingredients' layout. An open_clip folder without head, loaded without a task, gives
+        the bare open_clip model.
 
     Raises:
         CorruptedCheckpointError: no config file, or weights that do not fit the config.
+        ZeroShotTaskError: a CLIP model without a head and no task (or no ``text_model`` for a
+            vision-only one).
+        LabelMismatchError: the task's class names differ from the model's own head's.
         UnsupportedArchitectureError: the architecture is unknown to hf_soups and transformers.
         UnsafeCheckpointError: the architecture needs remote code and `trust_remote_code` is off.
     """
     folder = _folder(source)
-    if (folder / "open_clip_config.json").is_file():
-        model = load_open_clip(folder, state_dict)
-    elif (folder / "config.json").is_file():
-        model = load_transformers_model(folder, state_dict, trust_remote_code=trust_remote_code)
-    else:
-        raise CorruptedCheckpointError(
-            f"{folder}: neither config.json (transformers) nor open_clip_config.json (open_clip)"
-        )
-    logger.debug("Loaded %s from %s", type(model).__name__, folder)
+    family = getattr(source, "family", None) or detect_family(folder)
+    if state_dict is None and getattr(source, "pickled", False):
+        # Pickle-only ingredients were read with torch.load(weights_only=True) behind the
+        # allow_pickle opt-in; transformers is only ever asked to read safetensors.
+        state_dict = source.state_dict()
+    model = family.load_classifier(folder, state_dict, task, trust_remote_code=trust_remote_code)
+    logger.debug("Loaded %s (%s family) from %s", type(model).__name__, family.name, folder)
     return model.eval()
 
 
@@ -133,6 +176,17 @@ def save_model(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool =
     transformers models go through ``save_pretrained``; open_clip classifiers write open_clip's
     folder layout plus their head.
     """
+    from transformers import PreTrainedModel
+
+    from hf_soups.models.open_clip import OpenCLIPZeroShotClassifier
+    from hf_soups.models.scoring import ZeroShotScorer
+
+    if isinstance(model, ZeroShotScorer):
+        # Its head and projection come from the task and the text model, not the checkpoint.
+        raise TypeError(
+            "a ZeroShotScorer only scores and is never saved: write CLIP soups with "
+            "Soup.save_pretrained or hf_soups.merge.merge, which keep the ingredients' layout"
+        )
     if isinstance(model, OpenCLIPZeroShotClassifier):
         return model.save_pretrained(folder, overwrite=overwrite)
     if isinstance(model, PreTrainedModel):

@@ -27,7 +27,12 @@ from hf_soups.models.zero_shot import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLIPZeroShotClassifier", "make_word_tokenizer"]
+__all__ = [
+    "CLIPZeroShotClassifier",
+    "clip_zero_shot_head",
+    "encode_clip_text",
+    "make_word_tokenizer",
+]
 
 # transformers keeps this value for CLIP configs written before its PR #24773: with it the text
 # tower pools at the highest token id (the end-of-text token of the BPE vocabulary).
@@ -81,44 +86,12 @@ class CLIPZeroShotClassifier(CLIPPreTrainedModel):
         progress: bool = True,
     ) -> torch.Tensor:
         """Zero-shot head ``[num_classes, projection_dim]`` from this model's text tower."""
-        was_training = self.clip.training
-        self.clip.eval()
-        try:
-            head = build_zero_shot_head(
-                lambda prompts: self.encode_text(tokenizer, prompts),
-                classnames,
-                templates,
-                self.clip.logit_scale.detach(),
-                progress=progress,
-            )
-        finally:
-            self.clip.train(was_training)
-        return head
+        return clip_zero_shot_head(self.clip, tokenizer, classnames, templates, progress=progress)
 
     @torch.no_grad()
     def encode_text(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> torch.Tensor:
         """Projected (not normalised) text embeddings of `prompts`."""
-        text_config = self.config.text_config
-        inputs = tokenizer(
-            prompts,
-            padding=True,
-            truncation=True,
-            max_length=text_config.max_position_embeddings,
-            return_tensors="pt",
-        ).to(self.device)
-        input_ids = inputs["input_ids"]
-        eos = text_config.eos_token_id
-        # The text tower pools at the first eos token; without one it silently pools position 0
-        # and every class gets the same embedding.
-        if eos != _LEGACY_EOS_TOKEN_ID and not bool((input_ids == eos).any(dim=1).all()):
-            raise ValueError(
-                f"the tokenizer's encoding of prompts such as {prompts[0]!r} holds no token "
-                f"with text_config.eos_token_id={eos}, where CLIP pools the text embedding; "
-                f"the tokenizer's eos_token_id is {tokenizer.eos_token_id}"
-            )
-        return self.clip.get_text_features(
-            input_ids=input_ids, attention_mask=inputs.get("attention_mask")
-        ).pooler_output
+        return encode_clip_text(self.clip, tokenizer, prompts)
 
     def set_head(self, head: torch.Tensor, classnames: Sequence[str]) -> None:
         """Replace the classifier weight with `head` and the labels with `classnames` (PAINT)."""
@@ -158,6 +131,58 @@ class CLIPZeroShotClassifier(CLIPPreTrainedModel):
         logits = self.classifier(normalize_features(features))
         loss = None if labels is None else F.cross_entropy(logits, labels.to(logits.device))
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+@torch.no_grad()
+def encode_clip_text(
+    clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]
+) -> torch.Tensor:
+    """Projected (not normalised) text embeddings of `prompts` by a transformers `CLIPModel`."""
+    text_config = clip.config.text_config
+    inputs = tokenizer(
+        prompts,
+        padding=True,
+        truncation=True,
+        max_length=text_config.max_position_embeddings,
+        return_tensors="pt",
+    ).to(clip.device)
+    input_ids = inputs["input_ids"]
+    eos = text_config.eos_token_id
+    # The text tower pools at the first eos token; without one it silently pools position 0
+    # and every class gets the same embedding.
+    if eos != _LEGACY_EOS_TOKEN_ID and not bool((input_ids == eos).any(dim=1).all()):
+        raise ValueError(
+            f"the tokenizer's encoding of prompts such as {prompts[0]!r} holds no token "
+            f"with text_config.eos_token_id={eos}, where CLIP pools the text embedding; "
+            f"the tokenizer's eos_token_id is {tokenizer.eos_token_id}"
+        )
+    return clip.get_text_features(
+        input_ids=input_ids, attention_mask=inputs.get("attention_mask")
+    ).pooler_output
+
+
+def clip_zero_shot_head(
+    clip: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    *,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Zero-shot head ``[num_classes, projection_dim]`` from `clip`'s text tower, logit scale
+    folded in (see :func:`~hf_soups.models.zero_shot.build_zero_shot_head`)."""
+    was_training = clip.training
+    clip.eval()
+    try:
+        return build_zero_shot_head(
+            lambda prompts: encode_clip_text(clip, tokenizer, prompts),
+            classnames,
+            templates,
+            clip.logit_scale.detach(),
+            progress=progress,
+        )
+    finally:
+        clip.train(was_training)
 
 
 def make_word_tokenizer(texts: Iterable[str], *, model_max_length: int = 77):

@@ -55,15 +55,13 @@ OpenCLIPTokenizer = Callable[[list[str]], torch.Tensor]
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    file = folder / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as error:
-        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-        raise CorruptedCheckpointError(f"{file}: no 'model_cfg' object")
+    from hf_soups.models.families.base import CheckpointFiles
+
+    config = CheckpointFiles.read(folder).open_clip_config
+    if config is None:
+        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}")
+    if not isinstance(config.get("model_cfg"), dict):
+        raise CorruptedCheckpointError(f"{folder / CONFIG_FILE}: no 'model_cfg' object")
     return config
 
 
@@ -143,6 +141,11 @@ class OpenCLIPZeroShotClassifier(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.classifier.weight.device
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in logit order."""
+        return [self.id2label[i] for i in range(len(self.id2label))]
 
     @property
     def num_labels(self) -> int:
@@ -283,7 +286,7 @@ def load_open_clip(
     if state_dict is None:
         from hf_soups.ingredients import Ingredient
 
-        ingredient = Ingredient.from_folder(folder)
+        ingredient = Ingredient.from_folder(folder, weights_format="open_clip")
         files = {info.file.name for info in ingredient.tensors.values()}
         head = ingredient.read(CLASSIFIER_KEY) if CLASSIFIER_KEY in ingredient.tensors else None
         if MODEL_FILE in files and files <= {MODEL_FILE, CLASSIFIER_FILE}:

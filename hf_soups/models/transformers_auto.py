@@ -7,7 +7,6 @@ the caller passes ``trust_remote_code=True``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CONFIG_FILE",
     "UnsupportedArchitectureError",
+    "load_pretrained",
     "load_transformers_model",
     "resolve_architecture",
 ]
@@ -43,15 +43,11 @@ _OWN_CLASSES: dict[str, type[PreTrainedModel]] = {
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    file = folder / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as error:
-        raise CorruptedCheckpointError(f"{file}: invalid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise CorruptedCheckpointError(f"{file}: not a JSON object")
+    from hf_soups.models.families.base import CheckpointFiles
+
+    config = CheckpointFiles.read(folder).config
+    if config is None:
+        raise CorruptedCheckpointError(f"{folder}: no {CONFIG_FILE}")
     return config
 
 
@@ -113,9 +109,23 @@ def load_transformers_model(
     *,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Load the transformers model of ``folder``, optionally with other weights.
+    """Load the transformers model of ``folder`` (the class its config names), optionally with
+    other weights; see :func:`load_pretrained`."""
+    cls = resolve_architecture(folder, trust_remote_code=trust_remote_code)
+    return load_pretrained(cls, folder, state_dict, trust_remote_code=trust_remote_code)
+
+
+def load_pretrained(
+    cls: type[PreTrainedModel],
+    folder: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load ``cls`` from ``folder`` in eval mode, optionally with other weights.
 
     Args:
+        cls: the transformers model class.
         folder: a transformers model folder (``config.json`` + safetensors weights).
         state_dict: weights keyed as in the safetensors files (as merged by hf_soups), used
             instead of the folder's. They go through transformers' loading, which renames on-disk
@@ -127,7 +137,6 @@ def load_transformers_model(
         CorruptedCheckpointError: `state_dict` lacks tensors the model needs or has extra ones.
     """
     folder = Path(folder)
-    cls = resolve_architecture(folder, trust_remote_code=trust_remote_code)
     if state_dict is None:
         # use_safetensors=True: never unpickle a checkpoint's weights.
         return cls.from_pretrained(

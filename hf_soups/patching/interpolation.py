@@ -29,7 +29,7 @@ from hf_soups.errors import RecipeError
 from hf_soups.ingredients import Ingredient, check_compatible
 from hf_soups.merge import IngredientLike, as_ingredients, build_recipe, merge, weighted_state_dict
 from hf_soups.methods.wise_ft import Interpolation, check_alpha, interpolate
-from hf_soups.models import load_model
+from hf_soups.models import ZeroShotTask, load_model
 from hf_soups.recipe.schema import RECIPE_FILE, PatchRecord, Recipe, Source
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def wise_ft(
     dtype: torch.dtype | None = None,
     recipe: Recipe | None = None,
     progress: bool = True,
+    task: ZeroShotTask | None = None,
     **merge_kwargs,
 ) -> nn.Module | Path:
     """Interpolate a zero-shot and a fine-tuned model (WiSE-FT, PAINT).
@@ -100,6 +101,8 @@ def wise_ft(
         dtype: dtype of the floating tensors (default: the zero-shot model's).
         recipe: the recipe to write (default: :func:`interpolation_recipe`'s).
         progress: show a progress bar while writing.
+        task: class names and templates for the in-memory model of CLIP layouts without a head
+            (see :func:`hf_soups.models.load_model`).
         **merge_kwargs: passed to :func:`~hf_soups.merge.merge` (``overwrite``,
             ``max_shard_size``, ``allow_non_finite``) or, in memory, to
             :func:`~hf_soups.merge.weighted_state_dict` (``allow_non_finite``).
@@ -114,7 +117,7 @@ def wise_ft(
     method = Interpolation(alpha)
     if out_dir is None:
         state_dict = weighted_state_dict(ingredients, method=method, dtype=dtype, **merge_kwargs)
-        return load_model(ingredients[0].path, state_dict=state_dict)
+        return load_model(ingredients[0], state_dict=state_dict, task=task)
     return merge(
         ingredients,
         out_dir,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hf_soups import citations
+from hf_soups.cards import write_card
 from hf_soups.evaluation import EvalResult
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import IngredientLike
@@ -153,6 +154,7 @@ class PatchResult:
                 **merge_kwargs,
             )
             self.plot(work_dir / PLOT_FILE)
+            write_card(work_dir)  # again, now that the plot it links exists
         logger.info("Wrote the model at alpha=%g to %s", self.alpha, out_dir)
         return Path(out_dir)
 

@@ -1,5 +1,6 @@
-"""YAML recipes for ``hf-soups wise-ft --sweep`` and ``hf-soups patch``: eval sets read from
-disk (``datasets.load_from_disk``, works offline) and the rule that chooses ``alpha``.
+"""YAML recipe files for ``hf-soups wise-ft --sweep`` and ``hf-soups patch``: the eval sets
+(entries as :mod:`hf_soups.recipe.files` reads them, from ``datasets.load_from_disk`` folders, so
+they work offline), the two groups and the rule that chooses ``alpha``.
 
 An eval recipe (``wise-ft --recipe``)::
 
@@ -18,6 +19,10 @@ An eval recipe (``wise-ft --recipe``)::
         classnames: [zero, one, two]   # label order
         templates: ["a photo of the digit {}"]
         tokenizer: null                # default: the zero-shot model's folder
+      pets:                            # any CLIP layout (CLIPModel, CLIPVisionModel, open_clip):
+        dataset: data/pets_validation  # a ZeroShotTask, the model loaded with its head
+        task: {classnames: [cat, dog], templates: openai_imagenet,
+               text_model: openai/clip-vit-base-patch32}   # text_model: vision-only models
     select:
       id: [id]                         # target sets (aliases: target, patching)
       shifted: [rotated]               # preserve sets (aliases: preserve, supported)
@@ -45,10 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hf_soups.errors import RecipeError
 from hf_soups.patching.sweep import TaskSpec
+from hf_soups.recipe.files import load_eval_set, read_recipe_file, resolve_path, zero_shot_task
 
 logger = logging.getLogger(__name__)
 
@@ -60,36 +64,12 @@ __all__ = [
     "parse_alphas",
     "read_recipe_file",
     "resolve_path",
+    "zero_shot_task",
 ]
 
 _TARGET_KEYS = ("target", "id", "patching")
 _PRESERVE_KEYS = ("preserve", "shifted", "supported")
-_EVAL_SET_KEYS = {
-    "dataset",
-    "split",
-    "metric",
-    "batch_size",
-    "input_column",
-    "label_column",
-    "classnames",
-    "templates",
-    "tokenizer",
-}
 _TOP_KEYS = {"eval_sets", "select", "alphas", "zero_shot", "fine_tuned", "out"}
-
-
-def read_recipe_file(file: Path, known_keys: set[str]) -> dict[str, Any]:
-    """A YAML recipe's top-level mapping, refusing keys outside ``known_keys``."""
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{file}: invalid YAML ({error})") from None
-    if not isinstance(raw, Mapping):
-        raise RecipeError(f"{file}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - known_keys)
-    if unknown:
-        raise RecipeError(f"{file}: unknown key {unknown[0]!r} (known: {sorted(known_keys)})")
-    return dict(raw)
 
 
 def parse_alphas(spec: str | float | Sequence[float]) -> list[float]:
@@ -135,106 +115,6 @@ class EvalRecipe:
     def group(self, names: Sequence[str]) -> dict[str, TaskSpec]:
         """The eval sets of one group, by name."""
         return {name: self.eval_sets[name] for name in names}
-
-
-def resolve_path(value: str, base: Path) -> str:
-    """A path relative to the recipe's folder when it exists there, else as written (Hub id)."""
-    candidate = base / os.path.expanduser(value)
-    return str(candidate) if candidate.exists() else value
-
-
-def default_tokenizer(model_folder: str | os.PathLike) -> Any:
-    """The tokenizer saved with a model: open_clip's for an open_clip folder, else a
-    transformers tokenizer (``AutoTokenizer``)."""
-    folder = Path(model_folder)
-    if (folder / "open_clip_config.json").is_file():
-        import open_clip
-
-        return open_clip.get_tokenizer(f"local-dir:{folder}")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def _load_dataset(file: Path, name: str, spec: Mapping[str, Any], base: Path):
-    import datasets
-
-    if "dataset" not in spec:
-        raise RecipeError(f"{file}: eval_sets.{name} has no 'dataset' (a save_to_disk folder)")
-    folder = base / os.path.expanduser(str(spec["dataset"]))
-    if not folder.exists():
-        raise RecipeError(f"{file}: eval_sets.{name}.dataset: no such folder {folder}")
-    data = datasets.load_from_disk(str(folder))
-    split = spec.get("split")
-    if isinstance(data, datasets.DatasetDict):
-        if split is None:
-            raise RecipeError(
-                f"{file}: eval_sets.{name}: {folder} holds splits {sorted(data)}; set 'split'"
-            )
-        if split not in data:
-            raise RecipeError(
-                f"{file}: eval_sets.{name}: split {split!r} not in {folder} (has {sorted(data)})"
-            )
-        data = data[split]
-    elif split is not None:
-        raise RecipeError(f"{file}: eval_sets.{name}: {folder} is a single split; drop 'split'")
-    return data
-
-
-def load_eval_set(
-    file: Path,
-    name: str,
-    spec: Any,
-    base: Path,
-    tokenizer_folder: str | None = None,
-    accelerator: Any = None,
-    progress: bool = True,
-) -> TaskSpec:
-    """One eval set of a recipe file (``name`` is its key, for error messages): the dataset
-    from disk, its Evaluator, and its zero-shot head's class names and templates if any."""
-    from hf_soups.evaluation import Evaluator
-
-    if not isinstance(spec, Mapping):
-        raise RecipeError(f"{file}: eval_sets.{name} must be a mapping with a 'dataset' key")
-    unknown = sorted(set(spec) - _EVAL_SET_KEYS)
-    if unknown:
-        raise RecipeError(
-            f"{file}: eval_sets.{name}: unknown key {unknown[0]!r} (known: {sorted(_EVAL_SET_KEYS)})"
-        )
-    evaluator = Evaluator(
-        _load_dataset(file, name, spec, base),
-        spec.get("metric", "accuracy"),
-        batch_size=int(spec.get("batch_size", 128)),
-        input_column=spec.get("input_column", "pixel_values"),
-        label_column=spec.get("label_column", "labels"),
-        accelerator=accelerator,
-        name=name,
-        progress=progress,
-    )
-    classnames = spec.get("classnames")
-    if classnames is None:
-        if spec.get("templates") is not None:
-            raise RecipeError(f"{file}: eval_sets.{name}: 'templates' without 'classnames'")
-        return TaskSpec(evaluator)
-    templates = spec.get("templates")
-    if not templates:
-        raise RecipeError(f"{file}: eval_sets.{name}: 'classnames' needs 'templates'")
-    tokenizer_source = spec.get("tokenizer")
-    if tokenizer_source is not None:
-        tokenizer_source = resolve_path(str(tokenizer_source), base)
-    else:
-        tokenizer_source = tokenizer_folder
-    if tokenizer_source is None:
-        raise RecipeError(
-            f"{file}: eval_sets.{name}: 'classnames' needs a tokenizer; set 'tokenizer' or give "
-            "the zero-shot model's folder"
-        )
-    return TaskSpec(
-        evaluator,
-        classnames=[str(c) for c in classnames],
-        templates=[str(t) for t in templates],
-        tokenizer=default_tokenizer(tokenizer_source),
-    )
 
 
 def _names(file: Path, select: Mapping[str, Any], keys: Sequence[str]) -> list[str]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
 from hf_soups.merge import IngredientLike
-from hf_soups.models import UnsupportedArchitectureError, load_model
+from hf_soups.models import UnsupportedArchitectureError, ZeroShotTask, load_model
 from hf_soups.models.zero_shot import Template
 from hf_soups.patching.interpolation import Endpoints, check_alpha
 
@@ -52,12 +52,16 @@ class TaskSpec:
         templates: prompt templates (``"a photo of a {}."`` or callables).
         tokenizer: the text tokenizer ``build_head`` needs (a transformers tokenizer, or an
             open_clip tokenizer).
+        task: a :class:`~hf_soups.models.ZeroShotTask` instead of the three above: the model
+            is loaded with it (:func:`hf_soups.models.load_model`), so any CLIP layout works,
+            ``CLIPModel`` and ``CLIPVisionModel`` folders included.
     """
 
     evaluator: Evaluator | Callable[[nn.Module], EvalResult | float]
     classnames: Sequence[str] | None = None
     templates: Sequence[Template] | None = None
     tokenizer: Any = None
+    task: ZeroShotTask | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.evaluator):
@@ -65,6 +69,8 @@ class TaskSpec:
                 f"evaluator {self.evaluator!r} is neither an Evaluator nor a callable "
                 "model -> score"
             )
+        if self.task is not None and self.classnames is not None:
+            raise ValueError("a TaskSpec takes either a ZeroShotTask or classnames, not both")
         if self.classnames is not None and (self.templates is None or self.tokenizer is None):
             raise ValueError(
                 "a TaskSpec with classnames needs templates and a tokenizer to build its head"
@@ -233,16 +239,26 @@ def sweep(
     order = sorted(tasks, key=lambda name: tasks[name].swaps_head)
     heads = _Heads(endpoints)
     results: dict[str, list[EvalResult | float]] = {name: [] for name in tasks}
+
+    def load(state_dict: dict[str, torch.Tensor], task: ZeroShotTask | None) -> nn.Module:
+        loaded = load_model(endpoints.zero_shot, state_dict=state_dict, task=task)
+        return loaded if device is None else loaded.to(device)
+
     for alpha in tqdm(alphas, desc="WiSE-FT sweep", unit="alpha", disable=not progress):
-        model = load_model(endpoints.zero_shot.path, state_dict=endpoints.state_dict(alpha))
-        if device is not None:
-            model.to(device)
+        state_dict = endpoints.state_dict(alpha)
+        model = None
         for name in order:
             task = tasks[name]
-            if task.swaps_head:
-                heads.swap_in(name, task, model)
-            value, result = as_scorer(task.evaluator)(model, f"{name} (alpha={alpha:g})")
+            if task.task is not None:  # a model of its own, its head built from the task
+                scored = load(state_dict, task.task)
+            else:
+                model = model if model is not None else load(state_dict, None)
+                scored = model
+                if task.swaps_head:
+                    heads.swap_in(name, task, model)
+            value, result = as_scorer(task.evaluator)(scored, f"{name} (alpha={alpha:g})")
             results[name].append(value if result is None else result)
+            del scored
         logger.info(
             "alpha=%g: %s",
             alpha,

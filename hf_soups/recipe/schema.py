@@ -11,12 +11,13 @@ clear error rather than misread.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from hf_soups.errors import RecipeError
@@ -218,6 +219,17 @@ class Recipe:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
+    def public(self) -> Recipe:
+        """A copy fit to publish: every local source and local eval-set dataset, and every name
+        or text derived from them (score rows, greedy trace, comparisons), reduced to its
+        folder's name; Hub ids are kept. Folder names that would collide keep as many parent
+        folders as tell them apart."""
+        data = self.to_dict()
+        datasets = (info.get("dataset") for info in self.eval_sets.values())
+        local_data = {d for d in datasets if isinstance(d, str) and d.startswith(("/", "~"))}
+        short = _public_names(_local_sources(data) | local_data)
+        return Recipe.from_dict(_replace_strings(data, short)) if short else copy.deepcopy(self)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
         """Read ``soup.json`` (or the ``soup.json`` of a folder)."""
@@ -237,8 +249,69 @@ class Recipe:
 
 def score_table(raw: Any) -> dict[str, dict[str, Score]]:
     """Model name -> eval set -> :class:`Score`, from summaries shaped as
-    ``EvalResult.to_dict()`` (how builders keep the scores they measure)."""
+    ``EvalResult.to_dict()`` (how builders keep the scores they measure), or ``{"score": v}``
+    for what a callable scorer returned."""
+    if isinstance(raw, dict):
+        raw = {
+            model: {name: _bare_score(entry) for name, entry in per_set.items()}
+            if isinstance(per_set, dict)
+            else per_set
+            for model, per_set in raw.items()
+        }
     return from_json(dict[str, dict[str, Score]], raw, "scores")
+
+
+def _bare_score(entry: Any) -> Any:
+    # A callable scorer's value has no metric name: it is recorded as the metric "score".
+    if isinstance(entry, dict) and "metrics" not in entry and "score" in entry:
+        return {**entry, "metrics": {"score": entry["score"]}}
+    return entry
+
+
+def _local_sources(data: Any) -> set[str]:
+    """The ``source`` of every record without a revision (a local folder), at any depth."""
+    found: set[str] = set()
+    if isinstance(data, dict):
+        if isinstance(data.get("source"), str) and data.get("revision", None) is None:
+            found.add(data["source"])
+        for value in data.values():
+            found |= _local_sources(value)
+    elif isinstance(data, list):
+        for value in data:
+            found |= _local_sources(value)
+    return found
+
+
+def _public_names(paths: set[str]) -> dict[str, str]:
+    """Local path -> the shortest trailing part of it (its folder name, unless two share it)
+    that no other path shares; paths already a bare name are left out."""
+    parts = {path: PurePath(path).parts for path in paths}
+    names = {}
+    for path, own in parts.items():
+        for depth in range(1, len(own) + 1):
+            tail = own[-depth:]
+            if all(
+                other[-depth:] != tail for other_path, other in parts.items() if other_path != path
+            ):
+                break
+        name = PurePath(*tail).as_posix() if own else path
+        if name != path:
+            names[path] = name
+    return names
+
+
+def _replace_strings(data: Any, names: dict[str, str]) -> Any:
+    """``data`` with every occurrence of a key of ``names`` in any string (keys included)
+    replaced by its value, longest first (so ``/a/ft10`` is not read as ``/a/ft1`` + ``0``)."""
+    if isinstance(data, str):
+        for old in sorted(names, key=len, reverse=True):
+            data = data.replace(old, names[old])
+        return data
+    if isinstance(data, dict):
+        return {_replace_strings(key, names): _replace_strings(v, names) for key, v in data.items()}
+    if isinstance(data, list):
+        return [_replace_strings(item, names) for item in data]
+    return data
 
 
 def _version(package: str) -> str:

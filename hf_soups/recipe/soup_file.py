@@ -1,4 +1,4 @@
-"""The YAML soup recipe: parse, check and run it (``hf-soups soup RECIPE.yaml``).
+"""The YAML soup recipe file: parse, check and run it (``hf-soups soup RECIPE.yaml``).
 
 A soup recipe::
 
@@ -23,8 +23,16 @@ A soup recipe::
     out: greedy-soup
     overwrite: false
     push_to_hub: {repo_id: me/greedy-soup, private: true}   # optional
+    task:                            # CLIP ingredients without a head: a zero-shot task
+      classnames: [cat, dog]         # in the order of the datasets' label ids
+      templates: openai_imagenet     # a list with {}, or "default" / "openai_imagenet"
+      text_model: openai/clip-vit-base-patch32   # vision-only (CLIPVisionModel) ingredients
+    weights_format: transformers     # repos holding both formats: transformers | open_clip
 
-Eval set entries take the keys of :mod:`hf_soups.patching.recipe`'s eval sets. Merge methods
+Values are checked by type: ``overwrite: 'false'`` (a string) is an error, not ``True``. An
+``out`` folder outside the recipe's folder must be given as an absolute path.
+
+Eval set entries take the keys of :mod:`hf_soups.recipe.files`. Merge methods
 need no ``held_out`` data; ``eval_sets`` still score them.
 """
 
@@ -39,9 +47,13 @@ from typing import Any
 
 import yaml
 
+from hf_soups.errors import RecipeError
+from hf_soups.hub import check_push_access
 from hf_soups.methods import BY_NAME
 from hf_soups.methods import METHODS as MERGE_METHODS
-from hf_soups.patching.recipe import RecipeError, load_eval_set, read_recipe_file, resolve_path
+from hf_soups.models.task import ZeroShotTask
+from hf_soups.output import check_output_dir
+from hf_soups.recipe.files import load_eval_set, read_recipe_file, resolve_path, zero_shot_task
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +73,17 @@ _KEYS = {
     "out",
     "overwrite",
     "push_to_hub",
+    "task",
+    "weights_format",
+}
+# Keys whose values must be of one type; a YAML string "false" is not a boolean.
+_TYPED_KEYS = {
+    "overwrite": bool,
+    "ensemble": bool,
+    "out": str,
+    "base": str,
+    "method": str,
+    "weights_format": str,
 }
 
 
@@ -96,6 +119,43 @@ def _source(value: str, base: Path) -> str:
     return os.path.normpath(resolved) if Path(resolved).exists() else resolved
 
 
+def _task(file: Path, raw: Mapping) -> ZeroShotTask | None:
+    task = raw.get("task")
+    return None if task is None else zero_shot_task(file, "task", task)
+
+
+def _check_types(file: Path, raw: Mapping) -> None:
+    for key, kind in _TYPED_KEYS.items():
+        value = raw.get(key)
+        if value is not None and type(value) is not kind:
+            raise RecipeError(
+                f"{file}: '{key}' must be {'true or false' if kind is bool else 'a string'}, "
+                f"got {value!r}"
+            )
+    sources = raw.get("sources")
+    if isinstance(sources, list) and not all(isinstance(s, str) for s in sources):
+        raise RecipeError(f"{file}: 'sources' must list folders or Hub ids as strings")
+
+
+def _output_folder(file: Path, raw: Mapping, out: str | None) -> str:
+    """``--out``, or the recipe's ``out`` relative to its folder; a relative ``out`` may not
+    leave the recipe's folder (a recipe from elsewhere must not aim at the user's files)."""
+    if out is not None:
+        return out
+    if raw.get("out") is None:
+        raise RecipeError(f"{file}: no 'out' folder (in the recipe or --out)")
+    written = os.path.expanduser(raw["out"])
+    if os.path.isabs(written):
+        return written
+    folder = file.parent.resolve()
+    resolved = (folder / written).resolve()
+    if not resolved.is_relative_to(folder):
+        raise RecipeError(
+            f"{file}: out {raw['out']!r} lies outside the recipe's folder; give an absolute path"
+        )
+    return str(file.parent / written)
+
+
 def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a soup recipe without loading models or data.
 
@@ -106,6 +166,8 @@ def parse_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """
     file = Path(path)
     raw = read_recipe_file(file, _KEYS)
+    _check_types(file, raw)
+    _task(file, raw)
     sources = raw.get("sources")
     if not (isinstance(sources, list) and sources) and not isinstance(sources, str):
         raise RecipeError(
@@ -145,9 +207,12 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
     base = file.parent
     raw = parse_recipe(file)
     method = raw["method"]
-    out = out or (str(base / os.path.expanduser(str(raw["out"]))) if raw.get("out") else None)
-    if out is None:
-        raise RecipeError(f"{file}: no 'out' folder (in the recipe or --out)")
+    out = _output_folder(file, raw, out)
+    overwrite = overwrite or raw.get("overwrite", False)
+    push = _section(file, raw, "push_to_hub")
+    if push:
+        # An unreachable Hub or a refused token is found before any work, not after it.
+        check_push_access(push["repo_id"], private=push.get("private"), token=push.get("token"))
     held_out = None
     if raw.get("held_out") is not None:
         held_out = load_eval_set(file, "held_out", raw["held_out"], base).evaluator
@@ -160,8 +225,11 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
     builder = SoupBuilder.from_pretrained(
         _source(sources, base)
         if isinstance(sources, str)
-        else [_source(str(source), base) for source in sources]
+        else [_source(str(source), base) for source in sources],
+        task=_task(file, raw),
+        weights_format=raw.get("weights_format"),
     )
+    check_output_dir(out, overwrite, inputs=[i.path for i in builder.ingredients])
     if method == "uniform":
         soup = builder.uniform()
     elif method == "greedy":
@@ -194,14 +262,9 @@ def run_recipe(path: str | os.PathLike, *, out: str | None = None, overwrite: bo
     if eval_sets:
         builder.evaluate_ingredients(eval_sets)
         soup.evaluate(eval_sets)
-    folder = soup.save_pretrained(out, overwrite=overwrite or bool(raw.get("overwrite")))
-    from hf_soups.cards import write_card
-
-    write_card(folder)
-    print(soup.report())
-    push = _section(file, raw, "push_to_hub")
+    folder = soup.save_pretrained(out, overwrite=overwrite)
     if push:
-        from hf_soups.push import push_folder
+        from hf_soups.hub import push_folder
 
         push_folder(folder, push.pop("repo_id"), **push)
     return soup
