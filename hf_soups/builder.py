@@ -344,10 +344,15 @@ class SoupBuilder:
     def learned(self, dataset, *, by_layer: bool = False, **fit_kwargs) -> Soup:
         """The learned soup: mixing coefficients fitted by gradient on held-out data.
 
-        Holds every ingredient in memory (the official run needed about 490 GB of RAM for 72
-        ViT-B/32 models); see :func:`hf_soups.learned.fit_mixing_coefficients` for the options.
-        ``by_layer=True`` learns one coefficient per model per tensor ("learned soup+layer"),
-        replayed by :class:`~hf_soups.methods.PerTensorWeights`.
+        By default the ingredients are streamed from their files at every step (memory: one
+        model's weights and gradients, whatever the number of ingredients) or stacked in memory
+        when they fit (``memory="auto"``); the official code held all of them (about 490 GB of
+        RAM for 72 ViT-B/32 models). ``by_layer=True`` learns one coefficient per model per
+        tensor ("learned soup+layer"), replayed by :class:`~hf_soups.methods.PerTensorWeights`.
+        Options (``memory``, ``coefficients="hyperplane"``, ``block_size``, ``epochs``, ...):
+        see :func:`hf_soups.learned.fit_mixing_coefficients`; they are recorded with the
+        coefficients in the soup's recipe. Under ``accelerate launch`` the processes share the
+        held-out data and fit the coefficients one process would.
         """
         from hf_soups.learned import fit_mixing_coefficients, per_tensor_method
 
