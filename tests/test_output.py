@@ -126,3 +126,18 @@ def test_out_dot_dot_names_a_real_folder(tree):
     with atomic_output_dir(target) as work:
         (work / "f.txt").write_text("ok")
     assert (tree / "made" / "f.txt").read_text() == "ok"
+
+
+def test_an_output_that_appears_during_the_run_is_not_replaced(tmp_path):
+    """Another process fills the output folder while this one writes: the final rename is
+    checked again, refused, and the other process's files are left as they were."""
+    target = tmp_path / "soup"
+    with (
+        pytest.raises(OutputExistsError, match="already exists"),
+        atomic_output_dir(target) as work,
+    ):
+        (work / "model.safetensors").write_bytes(b"mine")
+        target.mkdir()
+        (target / "model.safetensors").write_bytes(b"theirs")
+    assert (target / "model.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]
