@@ -12,8 +12,8 @@ from pathlib import Path
 import jinja2
 from huggingface_hub import ModelCard
 
-from hf_soups.cards import scores as score_views
-from hf_soups.cards import tables
+import hf_soups.cards.scores as score_views
+import hf_soups.cards.tables as tables
 from hf_soups.cards.family import architecture, family_metadata
 from hf_soups.cards.metadata import CARD_FILE, card_data
 from hf_soups.cards.text import citations_of, method_text, reproduce, summary
