@@ -32,8 +32,8 @@ from transformers import (
 )
 
 from hf_soups.callbacks import EMACallback, IngredientCallback, SWACallback
-from hf_soups.callbacks._averaging import swapped_in
 from hf_soups.callbacks._batchnorm import update_bn
+from hf_soups.callbacks._weights import swapped_in
 from hf_soups.errors import OutputExistsError
 from hf_soups.ingredients import Ingredient
 

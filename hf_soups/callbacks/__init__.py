@@ -1,7 +1,8 @@
 """``transformers.Trainer`` callbacks: SWA, EMA, soup-ingredient collection and WiSE-FT."""
 
-from hf_soups.callbacks._averaging import AveragedWeights, WeightAveragingCallback
+from hf_soups.callbacks._averaging import WeightAveragingCallback
 from hf_soups.callbacks._batchnorm import update_bn
+from hf_soups.callbacks._weights import AveragedWeights
 from hf_soups.callbacks.ema import EMACallback
 from hf_soups.callbacks.ingredients import IngredientCallback
 from hf_soups.callbacks.swa import SWACallback
