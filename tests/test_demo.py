@@ -253,3 +253,20 @@ def test_task_arithmetic_row_matches_plain_torch(demo, data, tmp_path, one_threa
 def test_demo_refuses_an_existing_output(demo, capsys):
     assert main(["demo", "--fast", "--out", str(demo)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_learned_soup_streams_the_demo_ingredients_to_the_in_memory_fit(demo, data, one_thread):
+    """The demo's learned soup fitted from the files (memory="stream") finds the coefficients of
+    the in-memory fit (memory="host"), on the demo's own ingredients and held-out images."""
+    from hf_soups.builder import SoupBuilder
+
+    task = ZeroShotTask(classnames=DIGITS, templates=[TEMPLATE])
+    builder = SoupBuilder.from_pretrained(demo / "ingredients", task=task)
+    held_out = data.validation.select(range(256))
+    fits = {
+        memory: builder.learned(held_out, memory=memory, epochs=1, batch_size=64, progress=False)
+        for memory in ("stream", "host")
+    }
+    streamed, in_memory = (fits[m].weights for m in ("stream", "host"))
+    assert streamed == pytest.approx(in_memory, abs=1e-5)
+    assert fits["stream"].record.coefficients["options"]["memory"] == "stream"
