@@ -1,0 +1,61 @@
+"""Unstructured pruning: masks from magnitude, SNIP, GraSP, SynFlow and stacked scoring.
+
+Example::
+
+    from hf_soups.pruning import SNIP, Magnitude, Stacked, prune, save_pruned
+
+    masks = prune(model, Stacked([SNIP([batch]), Magnitude()]), sparsity=0.8)
+    save_pruned(model, masks, "pruned")  # weights + pruning_mask.safetensors
+
+Masks map in-memory parameter names to bool tensors (``True`` kept); pruned weights are exact
+zeros. The prunable tensors are the weight matrices of Linear and Conv layers
+(:func:`prunable_parameters`).
+"""
+
+from hf_soups.pruning.grasp import GraSP
+from hf_soups.pruning.magnitude import Magnitude
+from hf_soups.pruning.mask_file import (
+    MASK_FILE,
+    disk_names,
+    load_masks,
+    read_mask_file,
+    save_pruned,
+    write_mask_file,
+)
+from hf_soups.pruning.masks import (
+    apply_masks,
+    apply_masks_to_model,
+    density_of,
+    masks_from_scores,
+    sparsity_by_tensor,
+)
+from hf_soups.pruning.scorer import OneShotScorer, Scorer, model_loss, prune
+from hf_soups.pruning.snip import SNIP
+from hf_soups.pruning.stacked import Stacked, stage_densities
+from hf_soups.pruning.synflow import SynFlow
+from hf_soups.pruning.targets import prunable_parameters
+
+__all__ = [
+    "MASK_FILE",
+    "SNIP",
+    "GraSP",
+    "Magnitude",
+    "OneShotScorer",
+    "Scorer",
+    "Stacked",
+    "SynFlow",
+    "apply_masks",
+    "apply_masks_to_model",
+    "density_of",
+    "disk_names",
+    "load_masks",
+    "masks_from_scores",
+    "model_loss",
+    "prunable_parameters",
+    "prune",
+    "read_mask_file",
+    "save_pruned",
+    "sparsity_by_tensor",
+    "stage_densities",
+    "write_mask_file",
+]
