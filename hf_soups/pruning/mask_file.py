@@ -66,11 +66,16 @@ def disk_names(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 
 def write_mask_file(
-    model: nn.Module, masks: Mapping[str, torch.Tensor], folder: str | os.PathLike
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    names: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``masks`` (in-memory names) into ``folder`` as :data:`MASK_FILE`, keyed by the
-    on-disk names, through a temporary file and an atomic rename."""
-    mapping = disk_names(model, list(masks))
+    on-disk names (``names``, a :func:`disk_names` mapping already computed, or computed now),
+    through a temporary file and an atomic rename."""
+    mapping = names if names is not None else disk_names(model, list(masks))
     tensors = {mapping[name]: mask.detach().to("cpu", torch.bool) for name, mask in masks.items()}
     target = Path(folder) / MASK_FILE
     temporary = target.with_name(f".{MASK_FILE}.tmp-{os.getpid()}")
@@ -109,12 +114,19 @@ def read_mask_file(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     return masks
 
 
-def load_masks(model: nn.Module, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The mask file of ``folder`` keyed by ``model``'s in-memory parameter names."""
+def load_masks(
+    model: nn.Module, folder: str | os.PathLike, *, names: Mapping[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The mask file of ``folder`` keyed by ``model``'s in-memory parameter names (``names``: a
+    :func:`disk_names` mapping already computed)."""
     stored = read_mask_file(folder)
     if stored is None:
         raise HfSoupsError(f"{folder}: no {MASK_FILE}")
-    to_disk = disk_names(model, list(prunable_parameters(model, include_heads=True)))
+    to_disk = (
+        names
+        if names is not None
+        else disk_names(model, list(prunable_parameters(model, include_heads=True)))
+    )
     to_memory = {disk_name: name for name, disk_name in to_disk.items()}
     unknown = sorted(set(stored) - set(to_memory))
     if unknown:
