@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
@@ -39,6 +40,9 @@ from hf_soups.methods.base import (
 )
 from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from hf_soups.pruning.soup_mask import SoupMask
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +123,7 @@ def merged_tensors(
     base: Ingredient | None = None,
     dtype: torch.dtype | None = None,
     allow_non_finite: bool = False,
+    mask: SoupMask | None = None,
 ):
     """Yield ``(name, tensor)`` for ``names``, as written to the output.
 
@@ -126,7 +131,7 @@ def merged_tensors(
     ingredient's dtype of each tensor) and then checked finite. Integer and boolean buffers
     (position ids and the like) are not averaged: they are copied from the ingredient
     ``method.buffer_source`` names (the first with a non-zero weight), with a warning when the
-    ingredients disagree.
+    ingredients disagree. A sparse soup's ``mask`` sets its pruned entries to exact zeros.
     """
     template = ingredients[0]
     source = method.buffer_source(len(ingredients))
@@ -140,6 +145,8 @@ def merged_tensors(
             [_loader(ingredient, name) for ingredient in ingredients],
             _loader(base, name) if base is not None else None,
         )
+        if mask is not None:
+            merged = mask.apply(name, merged)
         written = merged.to(_cast_dtype(info, dtype))
         _check_finite(written, name, [*ingredients, *([base] if base else [])], allow_non_finite)
         yield name, written
@@ -182,6 +189,7 @@ def weighted_state_dict(
     base: IngredientLike | None = None,
     dtype: torch.dtype | None = None,
     allow_non_finite: bool = False,
+    mask: SoupMask | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge into memory: the state dict, keyed as on disk, of the merged model.
 
@@ -197,6 +205,7 @@ def weighted_state_dict(
             base=base,
             dtype=dtype,
             allow_non_finite=allow_non_finite,
+            mask=mask,
         )
     )
 
@@ -274,6 +283,7 @@ def merge(
     recipe: Recipe | None = None,
     allow_non_finite: bool = False,
     progress: bool = True,
+    mask: SoupMask | None = None,
 ) -> Path:
     """Merge ingredients into a model folder, streaming tensor by tensor.
 
@@ -293,6 +303,8 @@ def merge(
             fields must describe this merge.
         allow_non_finite: warn instead of failing on NaN or infinite weights.
         progress: show a progress bar.
+        mask: a sparse soup's mask (:func:`hf_soups.pruning.soup_mask`): its pruned entries are
+            written as exact zeros and the mask file is written beside the weights.
 
     Returns:
         The output folder: safetensors weights (``model.safetensors`` or
@@ -321,6 +333,7 @@ def merge(
                 base=base,
                 dtype=dtype,
                 allow_non_finite=allow_non_finite,
+                mask=mask,
             ):
                 shard[name] = tensor.contiguous()
                 bar.update()
@@ -329,6 +342,8 @@ def merge(
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copy_extra_files(template.path, work_dir, exclude=template.foreign_files)
+        if mask is not None:
+            mask.write(work_dir)
         if recipe is None:
             recipe = build_recipe(ingredients, method, base, dtype)
         else:

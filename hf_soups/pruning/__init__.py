@@ -31,13 +31,16 @@ from hf_soups.pruning.masks import (
 )
 from hf_soups.pruning.scorer import OneShotScorer, Scorer, model_loss, prune
 from hf_soups.pruning.snip import SNIP
+from hf_soups.pruning.soup_mask import MASK_RULES, SoupMask, soup_mask
 from hf_soups.pruning.stacked import Stacked, stage_densities
 from hf_soups.pruning.synflow import SynFlow
 from hf_soups.pruning.targets import prunable_parameters
 
 __all__ = [
     "MASK_FILE",
+    "MASK_RULES",
     "SNIP",
+    "SoupMask",
     "GraSP",
     "Magnitude",
     "OneShotScorer",
@@ -55,6 +58,7 @@ __all__ = [
     "prune",
     "read_mask_file",
     "save_pruned",
+    "soup_mask",
     "sparsity_by_tensor",
     "stage_densities",
     "write_mask_file",

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hf_soups.checkpoint_files import outside_error, readable_roots, resolves_inside
 from hf_soups.errors import CorruptedCheckpointError, HfSoupsError
 from hf_soups.output import atomic_output_dir
 from hf_soups.pruning.targets import prunable_parameters
@@ -104,8 +105,10 @@ def save_pruned(
 def read_mask_file(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """The masks stored in ``folder`` by on-disk tensor name, or ``None`` if it has none."""
     file = Path(folder) / MASK_FILE
-    if not file.is_file():
+    if not os.path.lexists(file):
         return None
+    if not resolves_inside(file, readable_roots(Path(folder))):
+        raise outside_error(f"{file}: a symlink that")
     with safe_open(file, framework="pt") as handle:
         masks = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     wrong = [name for name, mask in masks.items() if mask.dtype != torch.bool]
