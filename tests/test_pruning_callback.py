@@ -160,3 +160,67 @@ def test_invalid_settings_name_the_setting():
         IterativeMagnitudePruningCallback(round_steps=4, rewind_step=4)
     with pytest.raises(ValueError, match="prune_fraction"):
         IterativeMagnitudePruningCallback(round_steps=4, prune_fraction=1.0)
+
+
+# ---- the Sparse Model Soups loop --------------------------------------------------------------
+
+
+class _KeepZeros(TrainerCallback):
+    """The reference's own masking: zero masked gradients before each step, re-zero after."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for name, parameter in model.named_parameters():
+            if name in self.masks:
+                parameter.grad.mul_(self.masks[name])
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in self.masks:
+                    parameter.mul_(self.masks[name])
+
+
+def test_sparse_soup_rounds_prune_retrain_copies_and_average(tmp_path):
+    from hf_soups.pruning import sparse_soup_rounds
+
+    # No clipping: the reference zeroes masked gradients after it, the callback before it.
+    settings = dict(max_steps=6, learning_rate=0.01, optim="sgd", max_grad_norm=0.0)
+    seen = []
+    result = sparse_soup_rounds(
+        TinyNet(seed=0),
+        Vectors(48),
+        make_args(tmp_path / "soup", **settings),
+        sparsities=[0.5, 0.75],
+        copies=2,
+        on_round=lambda record, model: seen.append(record.sparsity),
+    )
+
+    reference = TinyNet(seed=0)
+    masks = None
+    for kept in (36, 18):
+        weights = {n: p.detach() for n, p in reference.named_parameters()}
+        masks = _global_top(weights, kept, current=masks)
+        with torch.no_grad():
+            for name in PRUNABLE:
+                dict(reference.named_parameters())[name].mul_(masks[name])
+        copies = []
+        for seed in (0, 1):
+            member = TinyNet()
+            member.load_state_dict(reference.state_dict())
+            Trainer(
+                model=member,
+                args=make_args(tmp_path / f"ref{seed}", seed=seed, **settings),
+                train_dataset=Vectors(48),
+                callbacks=[_KeepZeros(masks)],
+            ).train()
+            copies.append(member.state_dict())
+        reference.load_state_dict({n: (copies[0][n] + copies[1][n]) / 2 for n in copies[0]})
+
+    assert seen == [0.5, 0.75]
+    assert all(torch.equal(result.masks[n], masks[n]) for n in PRUNABLE)
+    assert max_difference(result.model.state_dict(), reference.state_dict()) < 1e-6
+    final = dict(result.model.named_parameters())
+    assert all(bool((final[n][~masks[n]] == 0).all()) for n in PRUNABLE)

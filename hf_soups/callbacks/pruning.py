@@ -19,16 +19,10 @@ from transformers import TrainerCallback
 
 from hf_soups.callbacks._trainer_io import checkpoint_dir, write_json_atomic
 from hf_soups.errors import CorruptedCheckpointError
-from hf_soups.pruning import (
-    Magnitude,
-    apply_masks,
-    density_of,
-    disk_names,
-    load_masks,
-    prunable_parameters,
-    write_mask_file,
-)
-from hf_soups.pruning.masks import SCOPES
+from hf_soups.pruning.magnitude import Magnitude
+from hf_soups.pruning.mask_file import disk_names, load_masks, write_mask_file
+from hf_soups.pruning.masks import SCOPES, apply_masks, density_of
+from hf_soups.pruning.targets import prunable_parameters
 
 logger = logging.getLogger(__name__)
 

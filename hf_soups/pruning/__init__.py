@@ -29,6 +29,7 @@ from hf_soups.pruning.masks import (
     masks_from_scores,
     sparsity_by_tensor,
 )
+from hf_soups.pruning.rounds import SparseSoupResult, SparseSoupRound, sparse_soup_rounds
 from hf_soups.pruning.scorer import OneShotScorer, Scorer, model_loss, prune
 from hf_soups.pruning.snip import SNIP
 from hf_soups.pruning.soup_mask import MASK_RULES, SoupMask, soup_mask
@@ -41,6 +42,8 @@ __all__ = [
     "MASK_RULES",
     "SNIP",
     "SoupMask",
+    "SparseSoupResult",
+    "SparseSoupRound",
     "GraSP",
     "Magnitude",
     "OneShotScorer",
@@ -59,6 +62,7 @@ __all__ = [
     "read_mask_file",
     "save_pruned",
     "soup_mask",
+    "sparse_soup_rounds",
     "sparsity_by_tensor",
     "stage_densities",
     "write_mask_file",
