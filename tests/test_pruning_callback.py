@@ -224,3 +224,37 @@ def test_sparse_soup_rounds_prune_retrain_copies_and_average(tmp_path):
     assert max_difference(result.model.state_dict(), reference.state_dict()) < 1e-6
     final = dict(result.model.named_parameters())
     assert all(bool((final[n][~masks[n]] == 0).all()) for n in PRUNABLE)
+
+
+def test_greedy_rounds_keep_a_copy_only_when_the_score_strictly_improves(tmp_path):
+    from hf_soups.pruning import sparse_soup_rounds
+
+    settings = dict(max_steps=4, learning_rate=0.01, optim="sgd", max_grad_norm=0.0)
+    # A constant score: no second copy improves it, so the soup is the first copy alone.
+    result = sparse_soup_rounds(
+        TinyNet(seed=0),
+        Vectors(48),
+        make_args(tmp_path / "soup", **settings),
+        sparsities=[0.5],
+        copies=[{"seed": 3}, {"seed": 4}],
+        soup="greedy",
+        score=lambda model: 1.0,
+    )
+    assert result.rounds[0].kept == [0] and result.rounds[0].copy_scores == [1.0, 1.0]
+
+    reference = TinyNet(seed=0)
+    masks = _global_top({n: p.detach() for n, p in reference.named_parameters()}, 36)
+    with torch.no_grad():
+        for name in PRUNABLE:
+            dict(reference.named_parameters())[name].mul_(masks[name])
+    Trainer(
+        model=reference,
+        args=make_args(tmp_path / "ref", seed=3, **settings),
+        train_dataset=Vectors(48),
+        callbacks=[_KeepZeros(masks)],
+    ).train()
+    assert max_difference(result.model.state_dict(), reference.state_dict()) < 1e-6
+    with pytest.raises(ValueError, match="needs score"):
+        sparse_soup_rounds(
+            TinyNet(), Vectors(8), make_args(tmp_path), sparsities=[0.5], soup="greedy"
+        )
