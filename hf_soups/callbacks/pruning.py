@@ -113,7 +113,7 @@ class IterativeMagnitudePruningCallback(TrainerCallback):
         unknown = sorted(set(self._initial_masks) - set(self._parameters))
         if unknown:
             raise ValueError(f"masks name tensors that are not prunable here: {unknown[:5]}")
-        self._disk_names = disk_names(model, list(self._parameters))
+        self._disk_names = None
         self.masks = {
             name: self._initial_masks.get(name, torch.ones_like(p, dtype=torch.bool)).to(p.device)
             for name, p in self._parameters.items()
@@ -141,7 +141,7 @@ class IterativeMagnitudePruningCallback(TrainerCallback):
         if not folder.is_dir():
             logger.warning("%s: checkpoint folder not found; the mask is not saved", folder)
             return
-        write_mask_file(model, self.masks, folder, names=self._disk_names)
+        write_mask_file(model, self.masks, folder, names=self._stored_names(model))
         stem = folder / _STATE_STEM
         if self._rewind is not None:
             temporary = folder / f".{_STATE_STEM}.safetensors.tmp-{os.getpid()}"
@@ -179,6 +179,12 @@ class IterativeMagnitudePruningCallback(TrainerCallback):
                 inner.register_step_post_hook(lambda *_: apply_masks(self._parameters, self.masks))
             )
 
+    def _stored_names(self, model) -> dict[str, str]:
+        # Found by a save_pretrained of the model: done once, and only when a mask is stored.
+        if self._disk_names is None:
+            self._disk_names = disk_names(model, list(self._parameters))
+        return self._disk_names
+
     @torch.no_grad()
     def _snapshot(self, model) -> None:
         self._rewind = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -214,7 +220,7 @@ class IterativeMagnitudePruningCallback(TrainerCallback):
             raise CorruptedCheckpointError(f"{folder}: no pruning state (resumed without it)")
         record = json.loads(record_file.read_text())
         self.rounds_done = int(record["rounds_done"])
-        masks = load_masks(model, folder, names=self._disk_names)
+        masks = load_masks(model, folder, names=self._stored_names(model))
         self.masks = {name: mask.to(self._parameters[name].device) for name, mask in masks.items()}
         tensors = folder / f"{_STATE_STEM}.safetensors"
         if tensors.is_file():
