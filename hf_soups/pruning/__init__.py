@@ -29,7 +29,6 @@ from hf_soups.pruning.masks import (
     masks_from_scores,
     sparsity_by_tensor,
 )
-from hf_soups.pruning.rounds import SparseSoupResult, SparseSoupRound, sparse_soup_rounds
 from hf_soups.pruning.scorer import OneShotScorer, Scorer, model_loss, prune
 from hf_soups.pruning.snip import SNIP
 from hf_soups.pruning.soup_mask import MASK_RULES, SoupMask, soup_mask
@@ -67,3 +66,13 @@ __all__ = [
     "stage_densities",
     "write_mask_file",
 ]
+
+
+def __getattr__(name: str):
+    # The Sparse Model Soups loop needs transformers' Trainer; hf_soups.ingredients imports this
+    # package (for MASK_FILE) and must not pull transformers into a plain safetensors merge.
+    if name in ("SparseSoupResult", "SparseSoupRound", "sparse_soup_rounds"):
+        from hf_soups.pruning import rounds
+
+        return getattr(rounds, name)
+    raise AttributeError(f"module 'hf_soups.pruning' has no attribute {name!r}")
