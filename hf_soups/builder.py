@@ -27,6 +27,7 @@ from hf_soups.merge import (
 from hf_soups.methods import get_method
 from hf_soups.methods.base import MergeMethod, WeightedAverage, check_method_inputs
 from hf_soups.models import ZeroShotTask, load_model
+from hf_soups.pruning.soup_mask import soup_mask
 from hf_soups.recipe.schema import SoupRecord
 from hf_soups.soup import SOUPS_CITATION, Soup
 
@@ -48,9 +49,19 @@ class SoupBuilder:
         soup.save_pretrained("greedy-soup")
     """
 
-    def __init__(self, ingredients: Sequence[Ingredient], *, task: ZeroShotTask | None = None):
+    def __init__(
+        self,
+        ingredients: Sequence[Ingredient],
+        *,
+        task: ZeroShotTask | None = None,
+        masks: str = "shared",
+    ):
+        """``masks``: for pruned ingredients (``pruning_mask.safetensors``), ``"shared"`` keeps
+        their common mask in every soup and refuses differing ones; ``"intersection"`` masks
+        each soup by the weights all its ingredients keep."""
         self.ingredients = list(ingredients)
         self.task = task
+        self.mask_rule = masks
         if len(self.ingredients) < 1:
             raise HfSoupsError("a soup needs at least one ingredient")
         check_compatible(self.ingredients)
@@ -63,6 +74,9 @@ class SoupBuilder:
         self._scored_with: tuple | None = None  # (evaluator, metric) of the individual scores
         self._maximize = True
         self.diagnostics: DiagnosticsReport | None = None
+        self.mask = soup_mask(self.ingredients, masks)
+        if self.mask is not None:
+            logger.info("Sparse ingredients: soups keep their %s mask", self.mask.rule)
 
     @classmethod
     def from_hub(
@@ -77,6 +91,7 @@ class SoupBuilder:
         weights_format: str | None = None,
         task: ZeroShotTask | None = None,
         max_workers: int = 4,
+        masks: str = "shared",
     ) -> SoupBuilder:
         """Fetch ingredients from the Hub (or local folders) in parallel.
 
@@ -90,6 +105,7 @@ class SoupBuilder:
                 holding both (the laion CLIP repos).
             task: class names and templates to score CLIP ingredients (see
                 :class:`~hf_soups.models.ZeroShotTask`).
+            masks: how soups of pruned ingredients are masked (see ``__init__``).
         """
         revisions = list(revisions) if revisions is not None else [None] * len(sources)
         if len(revisions) != len(sources):
@@ -109,7 +125,7 @@ class SoupBuilder:
 
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             ingredients = list(pool.map(fetch, zip(sources, revisions)))
-        return cls(ingredients, task=task)
+        return cls(ingredients, task=task, masks=masks)
 
     @classmethod
     def from_pretrained(
@@ -215,6 +231,7 @@ class SoupBuilder:
             scores=self.scores,
             diagnostics=self.diagnostics,
             task=self.task,
+            mask_rule=self.mask_rule,
             **kwargs,
         )
 

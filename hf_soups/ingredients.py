@@ -33,6 +33,7 @@ from hf_soups.errors import (
     IncompatibleIngredientsError,
     UnsafeCheckpointError,
 )
+from hf_soups.pruning.mask_file import MASK_FILE
 from hf_soups.recipe.schema import Source
 from hf_soups.safetensors_io import (  # noqa: F401 - re-exported: they were defined here
     SAFETENSORS_DTYPES,
@@ -133,6 +134,8 @@ def index_folder(folder: Path, groups: Collection[str] | None = None) -> dict[st
                 )
         indexed_files.update(headers)
     for file in sorted(folder.glob("*.safetensors")):
+        if file.name == MASK_FILE:  # a pruning mask beside the weights, not weights
+            continue
         if file in indexed_files or (
             groups is not None and _weights_group(file.name) not in groups
         ):

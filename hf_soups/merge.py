@@ -12,9 +12,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
@@ -41,6 +41,10 @@ from hf_soups.methods.base import (
 from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
 from hf_soups.safetensors_writer import SafetensorsWriter, plan_safetensors
+from hf_soups.threads import one_thread
+
+if TYPE_CHECKING:
+    from hf_soups.pruning.soup_mask import SoupMask
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +125,7 @@ def merged_tensors(
     base: Ingredient | None = None,
     dtype: torch.dtype | None = None,
     allow_non_finite: bool = False,
+    mask: SoupMask | None = None,
 ):
     """Yield ``(name, tensor)`` for ``names``, as written to the output.
 
@@ -128,7 +133,7 @@ def merged_tensors(
     ingredient's dtype of each tensor) and then checked finite. Integer and boolean buffers
     (position ids and the like) are not averaged: they are copied from the ingredient
     ``method.buffer_source`` names (the first with a non-zero weight), with a warning when the
-    ingredients disagree.
+    ingredients disagree. A sparse soup's ``mask`` sets its pruned entries to exact zeros.
     """
     template = ingredients[0]
     source = method.buffer_source(len(ingredients))
@@ -142,6 +147,8 @@ def merged_tensors(
             [_loader(ingredient, name) for ingredient in ingredients],
             _loader(base, name) if base is not None else None,
         )
+        if mask is not None:
+            merged = mask.apply(name, merged)
         written = merged.to(_cast_dtype(info, dtype))
         _check_finite(written, name, [*ingredients, *([base] if base else [])], allow_non_finite)
         yield name, written
@@ -184,6 +191,7 @@ def weighted_state_dict(
     base: IngredientLike | None = None,
     dtype: torch.dtype | None = None,
     allow_non_finite: bool = False,
+    mask: SoupMask | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge into memory: the state dict, keyed as on disk, of the merged model.
 
@@ -199,6 +207,7 @@ def weighted_state_dict(
             base=base,
             dtype=dtype,
             allow_non_finite=allow_non_finite,
+            mask=mask,
         )
     )
 
@@ -277,19 +286,6 @@ def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
     return (dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread for a merge's element-wise passes, which are bound by memory
-    bandwidth: on a 2-core machine with any other busy process, torch's default of 2 OpenMP
-    threads made a ViT-B/32 merge 5-8x slower (benchmarks/README.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def merge(
     ingredients: Sequence[IngredientLike],
     out_dir: str | os.PathLike,
@@ -303,6 +299,7 @@ def merge(
     recipe: Recipe | None = None,
     allow_non_finite: bool = False,
     progress: bool = True,
+    mask: SoupMask | None = None,
 ) -> Path:
     """Merge ingredients into a model folder, streaming tensor by tensor.
 
@@ -322,6 +319,8 @@ def merge(
             fields must describe this merge.
         allow_non_finite: warn instead of failing on NaN or infinite weights.
         progress: show a progress bar.
+        mask: a sparse soup's mask (:func:`hf_soups.pruning.soup_mask`): its pruned entries are
+            written as exact zeros and the mask file is written beside the weights.
 
     Returns:
         The output folder: safetensors weights (``model.safetensors`` or
@@ -347,7 +346,7 @@ def merge(
             (file_name, names, plan_safetensors(_planned(template, names, dtype), SAVE_METADATA))
             for file_name, names in shards
         ]
-        with _one_torch_thread():
+        with one_thread():
             for file_name, names, layout in layouts:
                 with SafetensorsWriter(work_dir / file_name, layout) as writer:
                     for name, tensor in merged_tensors(
@@ -357,12 +356,15 @@ def merge(
                         base=base,
                         dtype=dtype,
                         allow_non_finite=allow_non_finite,
+                        mask=mask,
                     ):
                         writer.write(name, tensor)
                         bar.update()
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copy_extra_files(template.path, work_dir, exclude=template.foreign_files)
+        if mask is not None:
+            mask.write(work_dir)
         if recipe is None:
             recipe = build_recipe(ingredients, method, base, dtype)
         else:

@@ -33,6 +33,7 @@ from hf_soups.merge import (
 from hf_soups.methods.base import MergeMethod, check_method_inputs
 from hf_soups.models import ZeroShotTask, load_model
 from hf_soups.output import atomic_output_dir
+from hf_soups.pruning.soup_mask import SoupMask, soup_mask
 from hf_soups.recipe.schema import Recipe, SoupRecord, score_table
 
 if TYPE_CHECKING:
@@ -70,9 +71,17 @@ class Soup:
     """Class names and templates that score CLIP ingredients without a head."""
     tensor_weights: dict[str, list[float]] | None = field(default=None, repr=False)
     """Learned-by-layer soups: the fitted weights keyed by in-memory parameter names."""
+    mask_rule: str = "shared"
+    """Pruned ingredients: ``"shared"`` keeps their common mask (differing masks are an error),
+    ``"intersection"`` masks the soup by the weights all of them keep."""
+    mask: SoupMask | None = field(default=None, init=False, repr=False)
+    """The soup's mask, found from the ingredients' ``pruning_mask.safetensors``."""
 
     def __post_init__(self) -> None:
         check_method_inputs(self.method, len(self.ingredients), self.base is not None)
+        self.mask = soup_mask(self.ingredients, self.mask_rule)
+        if self.mask is not None:
+            self.record.pruning = self.mask.to_record()
 
     @property
     def name(self) -> str:
@@ -103,7 +112,9 @@ class Soup:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The soup's weights in memory, keyed as on disk."""
-        return weighted_state_dict(self.ingredients, method=self.method, base=self.base)
+        return weighted_state_dict(
+            self.ingredients, method=self.method, base=self.base, mask=self.mask
+        )
 
     def to_model(self) -> nn.Module:
         """The soup as an in-memory model, in eval mode."""
@@ -148,6 +159,7 @@ class Soup:
                 max_shard_size=max_shard_size,
                 recipe=self.recipe(dtype=dtype),
                 progress=progress,
+                mask=self.mask,
             )
             if self.diagnostics is not None:
                 from hf_soups.diagnostics import write_plots

@@ -39,6 +39,7 @@ from hf_soups.errors import HfSoupsError, ZeroShotTooWeakError
 from hf_soups.models.clip import clip_zero_shot_head, make_word_tokenizer
 from hf_soups.models.scoring import ZeroShotScorer
 from hf_soups.output import atomic_output_dir, check_output_dir
+from hf_soups.threads import one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +88,6 @@ def get_pretrain_config(size: str | PretrainConfig) -> PretrainConfig:
         raise HfSoupsError(
             f"unknown demo size {size!r}; choose one of {sorted(PRETRAIN_SIZES)}"
         ) from None
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread for the block, then restore the setting. The demo's
-    models are tiny, so a second thread gains little, while two threads contending with any
-    other busy process on a 2-core machine made every step 6-12x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextmanager

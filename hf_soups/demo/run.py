@@ -24,7 +24,7 @@ from hf_soups.cards import write_card
 from hf_soups.demo.data import load_demo_data
 from hf_soups.demo.finetune import finetune_sweep
 from hf_soups.demo.multitask import MultiTaskResults, run_multitask
-from hf_soups.demo.pretrain import one_thread, pretrain_zero_shot
+from hf_soups.demo.pretrain import pretrain_zero_shot
 from hf_soups.evaluation import EvalResult, Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.models import ZeroShotTask, load_model
@@ -33,6 +33,7 @@ from hf_soups.patching import DEFAULT_ALPHAS, TaskSpec, choose_wise_ft
 from hf_soups.report import comparisons_table, results_table
 from hf_soups.soup import Soup, SoupBuilder
 from hf_soups.stats import adjust_comparisons, paired_comparison
+from hf_soups.threads import one_thread
 
 logger = logging.getLogger(__name__)
 

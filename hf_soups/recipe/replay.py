@@ -46,9 +46,13 @@ def replay(
     method = METHODS[recipe.method].from_parameters(recipe.parameters)
     import torch
 
+    from hf_soups.pruning.soup_mask import soup_mask
+
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    ingredients = [_resolve(source, **resolve_kwargs) for source in recipe.ingredients]
+    pruning = recipe.soup.pruning if recipe.soup is not None else None
     return merge(
-        [_resolve(source, **resolve_kwargs) for source in recipe.ingredients],
+        ingredients,
         out_dir,
         method=method,
         base=_resolve(recipe.base, **resolve_kwargs) if recipe.base else None,
@@ -57,4 +61,5 @@ def replay(
         overwrite=overwrite,
         recipe=recipe,
         progress=progress,
+        mask=soup_mask(ingredients, pruning["masks"]) if pruning else None,
     )

@@ -131,6 +131,8 @@ class SoupRecord:
     candidates: list[Source] | None = None
     greedy_trace: list[GreedyStep] | None = None
     coefficients: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None
+    """A sparse soup's mask: its rule (``masks``), file and sparsity (overall, per tensor)."""
 
     @property
     def display_name(self) -> str:
