@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from launch import ACCELERATE_LAUNCH
+from launch import ACCELERATE_CONFIG, ACCELERATE_LAUNCH, free_port
 from references import wilson_closed_form
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, TensorDataset
@@ -401,25 +400,6 @@ def test_clear_errors(dataset, accelerator):
 
     with pytest.raises(TypeError, match="NoLogits returned dict"):
         Evaluator(dataset, accelerator=accelerator, progress=False)(NoLogits())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-ACCELERATE_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: 'no'
-gpu_ids: all
-rdzv_backend: static
-same_network: true
-"""
 
 
 @pytest.mark.timeout(120)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from launch import ACCELERATE_LAUNCH
+from launch import ACCELERATE_CONFIG, ACCELERATE_LAUNCH, free_port
 from tiny import make_clip_folder, make_vit_folder
 from torch.func import functional_call
 from transformers import AutoTokenizer, CLIPModel, ViTForImageClassification
@@ -376,25 +375,6 @@ def test_a_frozen_text_tower_gets_no_coefficients_and_no_reads(tmp_path, data, m
         weights = soup.tensor_weights.get(name, soup.weights)
         reference = sum(w * s[name].double() for w, s in zip(weights, states))
         torch.testing.assert_close(merged[name].double(), reference, atol=1e-6, rtol=1e-6)
-
-
-ACCELERATE_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: 'no'
-gpu_ids: all
-rdzv_backend: static
-same_network: true
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(300)

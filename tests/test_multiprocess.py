@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from launch import ACCELERATE_LAUNCH
+from launch import ACCELERATE_CONFIG, ACCELERATE_LAUNCH, free_port
 from safetensors.torch import load_file, save_file
 from test_push import TOKEN, StandInHub
 from tiny import assert_matches_reference, load_weights, make_vit_folder, weighted_reference
@@ -37,24 +36,6 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "distributed_soup.py"
 EXAMPLES = 41  # held-out examples: 21 and 20 on the two processes, batches of 4 with a remainder
 NOISE = 0.3  # of each tensor's std: the fine-tunes' spread around their start
-# What a launch needs beyond its flags: no GPU, no accelerate config file from this machine.
-ACCELERATE_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: 'no'
-gpu_ids: all
-rdzv_backend: static
-same_network: true
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(tmp_path: Path, processes: int, tail: list[str], hub_url: str = "", **env: str):
