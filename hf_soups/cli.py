@@ -87,7 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"hf-soups {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    # Under ``accelerate launch`` a command leaves the process group open; a process exiting with
+    # gloo's threads alive can abort ("terminate called without an active exception"), so the
+    # launcher reports a finished run as failed. Only when torch was imported by the command.
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
