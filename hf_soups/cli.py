@@ -17,16 +17,22 @@ import importlib
 import logging
 import re
 import sys
+from typing import NoReturn
 
 from hf_soups.errors import HfSoupsError
 
 COMMANDS = ["demo", "merge", "soup", "wise-ft", "patch", "push", "card", "diagnose"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other error: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-soups", description="Model soups, WiSE-FT and weight averaging."
-    )
+    parser = _Parser(prog="hf-soups", description="Model soups, WiSE-FT and weight averaging.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

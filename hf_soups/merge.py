@@ -363,6 +363,8 @@ def merge(
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copy_extra_files(template.path, work_dir, exclude=template.foreign_files)
+        if dtype is not None:
+            _record_dtype(work_dir / "config.json", dtype)
         if mask is not None:
             mask.write(work_dir)
         if recipe is None:
@@ -374,6 +376,18 @@ def merge(
     out_dir = Path(out_dir)
     logger.info("Merged %d ingredients into %s", len(ingredients), out_dir)
     return out_dir
+
+
+def _record_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    # transformers loads a folder in the dtype its config names: a float16 merge must say so.
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _write_card(folder: Path) -> None:

@@ -90,6 +90,8 @@ def test_argument_errors_import_no_heavy_library(args):
     report, out, err = run_cli(args)
     assert report == {"code": 2, "imported": []}
     assert out == "" and "error:" in err.splitlines()[-1]
+    # One line, like every other mistake (argparse's usage block is not repeated).
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_merge_of_plain_safetensors_needs_neither_transformers_nor_open_clip(tmp_path):

@@ -218,6 +218,9 @@ def test_dtype_override(vit_folders, tmp_path):
         # float32 accumulation then one rounding to bfloat16 (plus float32's own tiny error).
         assert (error <= _half_ulp_bf16(expected) + 1e-6 * expected.abs().max()).all(), name
     assert json.loads((out / "soup.json").read_text())["dtype"] == "bfloat16"
+    # The config says so too: transformers loads the folder in the dtype it was written in.
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert ViTForImageClassification.from_pretrained(out).dtype == torch.bfloat16
     _loads_cleanly(ViTForImageClassification, out)
 
     # And the other way: bfloat16 inputs written as float32 keep the float32 sum exactly.

@@ -291,6 +291,10 @@ BAD_RECIPES = {
     "ensemble as a number": ({"ensemble": 1}, ["'ensemble'", "true or false"]),
     "output outside the recipe's folder": ({"out": "../elsewhere"}, ["outside", "absolute"]),
     "source not a string": ({"sources": ["ingredients/ing0", 3]}, ["'sources'", "strings"]),
+    "batch size not a number": (
+        {"method": "greedy", "held_out": {"dataset": "data/held_out", "batch_size": "many"}},
+        ["held_out.batch_size", "positive integer", "'many'"],
+    ),
 }
 
 

@@ -122,6 +122,12 @@ def _load_dataset(file: Path, name: str, spec: Mapping[str, Any], base: Path):
     return data
 
 
+def _positive_int(file: Path, key: str, value: Any) -> int:
+    if type(value) is not int or value < 1:
+        raise RecipeError(f"{file}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def load_eval_set(
     file: Path,
     name: str,
@@ -146,7 +152,7 @@ def load_eval_set(
     evaluator = Evaluator(
         _load_dataset(file, name, spec, base),
         spec.get("metric", "accuracy"),
-        batch_size=int(spec.get("batch_size", 128)),
+        batch_size=_positive_int(file, f"eval_sets.{name}.batch_size", spec.get("batch_size", 128)),
         input_column=spec.get("input_column", "pixel_values"),
         label_column=spec.get("label_column", "labels"),
         accelerator=accelerator,
