@@ -44,6 +44,7 @@ from hf_soups.patching import (
     wise_ft,
 )
 from hf_soups.patching.recipe import RecipeError
+from hf_soups.recipe import Recipe
 
 PATCH_CLASSES = ["cat", "dog", "bird"]
 PATCH_TEMPLATES = ["a photo of a {}"]
@@ -424,6 +425,9 @@ def test_paint_head_swap_keeps_supported_task_zero_shot(clip_models, eval_data, 
     # The saved patched model still classifies the supported task zero-shot: its text tower
     # builds exactly the zero-shot head.
     folder = result.save_pretrained(tmp_path / "patched", progress=False)
+    # The chosen model's scores are recorded under the name its recipe (and card) give it.
+    recipe = Recipe.load(folder)
+    assert recipe.name == f"PAINT alpha={result.alpha:g}" and recipe.name in recipe.scores
     patched = load_model(folder)
     head = patched.build_head(tokenizer, SUPPORTED_CLASSES, SUPPORTED_TEMPLATES, progress=False)
     # Bit for bit: the text tower is the zero-shot model's, so the head built from it is the

@@ -83,7 +83,9 @@ class PatchResult:
     def model_scores(self) -> dict[str, dict[str, dict]]:
         """Model name -> eval set -> result summary, as ``Soup`` records its scores: the chosen
         model, and the zero-shot and fine-tuned endpoints when they were swept."""
-        rows = {f"WiSE-FT alpha={self.alpha:g}": self.alpha, "zero-shot": 0.0, "fine-tuned": 1.0}
+        # The chosen model's row is named as its recipe names it (Recipe.name).
+        chosen = f"{'PAINT' if self.kind == 'paint' else 'WiSE-FT'} alpha={self.alpha:g}"
+        rows = {chosen: self.alpha, "zero-shot": 0.0, "fine-tuned": 1.0}
         table = {}
         for model_name, alpha in rows.items():
             if alpha not in self.sweep.alphas:
