@@ -707,3 +707,13 @@ def test_wise_ft_max_shifted_drop_bounds_the_loss_on_shifts(tmp_path):
     assert choose() == 0.0
     assert choose(max_shifted_drop=0.3) == 0.25
     assert choose(max_shifted_drop=1.0) == 1.0
+
+
+def test_an_alpha_outside_zero_one_is_warned_about_once(tmp_path, caplog):
+    zero_shot = make_vit_folder(tmp_path / "zero_shot", seed=0)
+    fine_tuned = make_vit_folder(tmp_path / "fine_tuned", seed=1)
+    with caplog.at_level("WARNING"):
+        folder = wise_ft(zero_shot, fine_tuned, 1.5, out_dir=tmp_path / "out", progress=False)
+    assert sum("outside [0, 1]" in r.getMessage() for r in caplog.records) == 1
+    reference = weighted_reference([zero_shot, fine_tuned], [-0.5, 1.5])
+    assert_matches_reference(load_weights(folder), reference)

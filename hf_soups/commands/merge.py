@@ -4,10 +4,7 @@ method (``--method ties --base BASE --param density=0.2 ...``)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-
-logger = logging.getLogger(__name__)
 
 # Output dtypes of floating tensors, by their torch names.
 DTYPES = ("bfloat16", "float16", "float32")
@@ -38,7 +35,7 @@ def parse_weights(text: str) -> list[float]:
 
 def check_weight_sum(weights: list[float], num_sources: int, normalize: bool) -> list[float]:
     """Refuse weights that cancel out (a model of zeros); rescale them to sum to one with
-    ``normalize``, else warn when they do not (the merged weights are scaled by their sum).
+    ``normalize`` (the merge warns about weights that do not sum to one or are negative).
     A wrong count or a non-finite weight is left to the merge, whose error names it."""
     from hf_soups.errors import InvalidWeightsError
 
@@ -50,22 +47,8 @@ def check_weight_sum(weights: list[float], num_sources: int, normalize: bool) ->
             f"--weights: {','.join(f'{w:g}' for w in weights)} sum to zero, which would write a "
             "model of zeros"
         )
-    negative = [weight for weight in weights if weight < 0]
-    if negative:
-        logger.warning(
-            "--weights: negative weight(s) %s extrapolate beyond the ingredients",
-            ", ".join(f"{w:g}" for w in negative),
-        )
-    if normalize:
-        return [weight / total for weight in weights]
-    if not math.isclose(total, 1.0, rel_tol=1e-6):
-        logger.warning(
-            "--weights sum to %g, not 1: every merged tensor is scaled by %g "
-            "(pass --normalize to rescale the weights to sum to 1)",
-            total,
-            total,
-        )
-    return weights
+    # Negative weights and sums other than one are warned about by the merge itself.
+    return [weight / total for weight in weights] if normalize else weights
 
 
 def parse_params(items: list[str]) -> dict:

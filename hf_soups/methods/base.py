@@ -106,16 +106,16 @@ class WeightedAverage(MergeMethod):
         self.weights = check_weights(self.weights, num_ingredients)
         total = math.fsum(self.weights)
         unusual = []
-        if any(weight < 0 for weight in self.weights):
-            unusual.append("some are negative")
+        negative = [f"{weight:g}" for weight in self.weights if weight < 0]
+        if negative:
+            unusual.append(f"negative weight(s) {', '.join(negative)} extrapolate")
         if abs(total - 1.0) > _SUM_TOLERANCE:
-            unusual.append(f"they sum to {total:g}, not 1")
-        if unusual:
-            logger.warning(
-                "weights %s: %s; the merged weights are scaled accordingly",
-                self.weights,
-                " and ".join(unusual),
+            unusual.append(
+                f"they sum to {total:g}, not 1, which scales every merged tensor (rescale them "
+                "to sum to one: hf-soups merge --normalize)"
             )
+        if unusual:
+            logger.warning("weights %s: %s", self.weights, "; ".join(unusual))
 
     def buffer_source(self, num_ingredients: int) -> int:
         return first_weighted(self.weights)

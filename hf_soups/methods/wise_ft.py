@@ -29,7 +29,7 @@ __all__ = ["WISE_FT_CITATION", "Interpolation", "check_alpha", "interpolate"]
 WISE_FT_CITATION = citations.WISE_FT
 
 
-def check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float, *, warn: bool = True) -> float:
     """Return ``alpha`` as a float; refuse non-finite values, warn outside ``[0, 1]``."""
     try:
         alpha = float(alpha)
@@ -37,7 +37,7 @@ def check_alpha(alpha: float) -> float:
         raise InvalidWeightsError(f"alpha: {alpha!r} is not a number") from None
     if not math.isfinite(alpha):
         raise InvalidWeightsError(f"alpha: {alpha} is not a finite number")
-    if not 0.0 <= alpha <= 1.0:
+    if warn and not 0.0 <= alpha <= 1.0:
         logger.warning("alpha=%g lies outside [0, 1]: extrapolating, not interpolating", alpha)
     return alpha
 
@@ -64,9 +64,11 @@ class Interpolation(MergeMethod):
     citation = WISE_FT_CITATION
 
     def __init__(self, alpha: float):
-        self.alpha = check_alpha(alpha)
+        # Checked here, warned about once per merge (in check): a recipe builds the method too.
+        self.alpha = check_alpha(alpha, warn=False)
 
     def check(self, num_ingredients: int) -> None:
+        check_alpha(self.alpha)
         if num_ingredients != 2:
             raise InvalidWeightsError(
                 f"WiSE-FT interpolates exactly two models (zero-shot, fine-tuned); got "
