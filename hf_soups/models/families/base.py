@@ -28,6 +28,7 @@ __all__ = [
     "CardMetadata",
     "CheckpointFiles",
     "ModelFamily",
+    "TransformersFamily",
     "group_patterns",
 ]
 
@@ -186,3 +187,17 @@ class ModelFamily(ABC):
 
     def __repr__(self) -> str:
         return f"<model family {self.name!r}>"
+
+
+class TransformersFamily(ModelFamily):
+    """A layout of transformers' own: ``config.json`` and ``model.safetensors`` (or its shards),
+    with ``pytorch_model.bin`` pickles read only behind ``allow_pickle``."""
+
+    weights_format = "transformers"
+    config_file = TRANSFORMERS_CONFIG
+    weight_groups = ("model",)
+    pickle_files = (
+        "pytorch_model.bin",
+        "pytorch_model-*-of-*.bin",
+        "pytorch_model.bin.index.json",
+    )

@@ -19,12 +19,10 @@ from torch import nn
 
 from hf_soups.errors import ZeroShotTaskError
 from hf_soups.models.families.base import (
-    TRANSFORMERS_CONFIG,
     CardMetadata,
     CheckpointFiles,
-    ModelFamily,
+    TransformersFamily,
 )
-from hf_soups.models.families.image_classifier import TRANSFORMERS_PICKLES
 from hf_soups.models.task import ZeroShotTask
 
 ARCHITECTURE = "CLIPModel"
@@ -43,12 +41,8 @@ def load_clip_tokenizer(folder: Path):
         ) from None
 
 
-class CLIPFamily(ModelFamily):
+class CLIPFamily(TransformersFamily):
     name = "clip"
-    weights_format = "transformers"
-    config_file = TRANSFORMERS_CONFIG
-    weight_groups = ("model",)
-    pickle_files = TRANSFORMERS_PICKLES
 
     def matches(self, files: CheckpointFiles) -> bool:
         return files.names_model(ARCHITECTURE, MODEL_TYPE)

@@ -20,12 +20,10 @@ from torch import nn
 
 from hf_soups.errors import ZeroShotTaskError
 from hf_soups.models.families.base import (
-    TRANSFORMERS_CONFIG,
     CardMetadata,
     CheckpointFiles,
-    ModelFamily,
+    TransformersFamily,
 )
-from hf_soups.models.families.image_classifier import TRANSFORMERS_PICKLES
 from hf_soups.models.task import ZeroShotTask
 
 logger = logging.getLogger(__name__)
@@ -68,12 +66,8 @@ def _text_model_folder(text_model: str) -> Path:
     return folder
 
 
-class CLIPVisionFamily(ModelFamily):
+class CLIPVisionFamily(TransformersFamily):
     name = "clip_vision"
-    weights_format = "transformers"
-    config_file = TRANSFORMERS_CONFIG
-    weight_groups = ("model",)
-    pickle_files = TRANSFORMERS_PICKLES
 
     def matches(self, files: CheckpointFiles) -> bool:
         return files.names_model(ARCHITECTURE, MODEL_TYPE)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hf_soups.models.families.base import TRANSFORMERS_CONFIG, CardMetadata, CheckpointFiles
+from hf_soups.models.families.base import CardMetadata, CheckpointFiles
 from hf_soups.models.families.image_classifier import ImageClassifierFamily, check_task_labels
 from hf_soups.models.labels import names_from_id2label
 from hf_soups.models.task import ZeroShotTask
@@ -19,7 +19,6 @@ ARCHITECTURE = "CLIPZeroShotClassifier"
 
 class HfSoupsCLIPClassifierFamily(ImageClassifierFamily):
     name = "hf_soups_clip_classifier"
-    config_file = TRANSFORMERS_CONFIG
 
     def matches(self, files: CheckpointFiles) -> bool:
         return files.architecture == ARCHITECTURE

@@ -14,19 +14,12 @@ import torch
 from torch import nn
 
 from hf_soups.models.families.base import (
-    TRANSFORMERS_CONFIG,
     CardMetadata,
     CheckpointFiles,
-    ModelFamily,
+    TransformersFamily,
 )
 from hf_soups.models.labels import check_task_matches, names_from_id2label
 from hf_soups.models.task import ZeroShotTask
-
-TRANSFORMERS_PICKLES = (
-    "pytorch_model.bin",
-    "pytorch_model-*-of-*.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 def check_task_labels(
@@ -40,12 +33,8 @@ def check_task_labels(
     return model
 
 
-class ImageClassifierFamily(ModelFamily):
+class ImageClassifierFamily(TransformersFamily):
     name = "image_classifier"
-    weights_format = "transformers"
-    config_file = TRANSFORMERS_CONFIG
-    weight_groups = ("model",)
-    pickle_files = TRANSFORMERS_PICKLES
 
     def matches(self, files: CheckpointFiles) -> bool:
         return files.config is not None
