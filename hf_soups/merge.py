@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,7 @@ from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
 from hf_soups.safetensors_writer import SafetensorsWriter, plan_safetensors
 from hf_soups.threads import one_thread
+from hf_soups.write_behind import WriteBehind
 
 if TYPE_CHECKING:
     from hf_soups.pruning.soup_mask import SoupMask
@@ -126,11 +127,13 @@ def merged_tensors(
     dtype: torch.dtype | None = None,
     allow_non_finite: bool = False,
     mask: SoupMask | None = None,
+    memory: Callable[[torch.Size], torch.Tensor] | None = None,
 ):
     """Yield ``(name, tensor)`` for ``names``, as written to the output.
 
-    Floating tensors are merged by ``method`` in float32, cast to ``dtype`` (default: the first
-    ingredient's dtype of each tensor) and then checked finite. Integer and boolean buffers
+    Floating tensors are merged by ``method`` in float32 (into ``memory(shape)`` when given,
+    which the streaming merge reuses), cast to ``dtype`` (default: the first ingredient's dtype
+    of each tensor) and then checked finite. Integer and boolean buffers
     (position ids and the like) are not averaged: they are copied from the ingredient
     ``method.buffer_source`` names (the first with a non-zero weight), with a warning when the
     ingredients disagree. A sparse soup's ``mask`` sets its pruned entries to exact zeros.
@@ -146,6 +149,7 @@ def merged_tensors(
             name,
             [_loader(ingredient, name) for ingredient in ingredients],
             _loader(base, name) if base is not None else None,
+            out=memory(torch.Size(info.shape)) if memory is not None else None,
         )
         if mask is not None:
             merged = mask.apply(name, merged)
@@ -280,6 +284,11 @@ def _planned(
     }
 
 
+def _largest_float_numel(template: Ingredient, names: Sequence[str]) -> int:
+    infos = [template.tensors[name] for name in names]
+    return max((info.numel for info in infos if info.dtype.is_floating_point), default=0)
+
+
 def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
     """The output dtype of a tensor: ``dtype`` (default: as stored) for floating tensors;
     integer and boolean buffers keep theirs."""
@@ -341,14 +350,18 @@ def merge(
         ) as bar,
     ):
         # Every file's header is planned before any tensor is computed; each merged tensor is
-        # then written to its place at once, so only the tensors in flight are in memory.
+        # then written to its place while the next one is computed, so only the tensors in
+        # flight are in memory.
         layouts = [
             (file_name, names, plan_safetensors(_planned(template, names, dtype), SAVE_METADATA))
             for file_name, names in shards
         ]
         with one_thread():
             for file_name, names, layout in layouts:
-                with SafetensorsWriter(work_dir / file_name, layout) as writer:
+                with (
+                    SafetensorsWriter(work_dir / file_name, layout) as writer,
+                    WriteBehind(writer, _largest_float_numel(template, names)) as writes,
+                ):
                     for name, tensor in merged_tensors(
                         ingredients,
                         method,
@@ -357,8 +370,9 @@ def merge(
                         dtype=dtype,
                         allow_non_finite=allow_non_finite,
                         mask=mask,
+                        memory=writes.buffer,
                     ):
-                        writer.write(name, tensor)
+                        writes.write(name, tensor)
                         bar.update()
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -124,7 +124,11 @@ class _StatisticsCollector(MergeMethod):
         self.tensors: dict[str, TensorStatistics] = {}
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         loaded = [load() for load in tensors]
         self.tensors[name] = tensor_statistics(loaded, base() if base is not None else None)

@@ -35,9 +35,18 @@ class MergeMethod(ABC):
 
     @abstractmethod
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return the merged float32 tensor ``name`` from loaders of the ingredients' tensors."""
+        """Return the merged float32 tensor ``name`` from loaders of the ingredients' tensors.
+
+        ``out``, when given, is float32 memory of the tensor's shape that the result may be
+        computed into (the streaming merge passes buffers it reuses, so that no tensor costs new
+        pages); a method is free to ignore it and return a new tensor.
+        """
 
     @abstractmethod
     def parameters(self) -> dict:
@@ -121,13 +130,17 @@ class WeightedAverage(MergeMethod):
         return first_weighted(self.weights)
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         terms = [(weight, load) for weight, load in zip(self.weights, tensors) if weight != 0.0]
         if not terms:
             return torch.zeros_like(tensors[0]())
         (first_weight, first), rest = terms[0], terms[1:]
-        total = first()
+        total = first(out) if out is not None else first()
         if first_weight != 1.0:
             total.mul_(first_weight)
         scratch = self._scratch(total.shape)

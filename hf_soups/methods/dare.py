@@ -98,7 +98,11 @@ class DARELinear(_DARE):
         check_scaling(self.scaling, num_ingredients)
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base_tensor = require_base(self, base)()
         total = torch.zeros_like(base_tensor)
@@ -130,7 +134,11 @@ class DARETIES(_DARE):
         self.scaling = check_merged_scaling(self.name, scaling)
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base_tensor = require_base(self, base)()
         merged = elect_and_disjoint_merge(

@@ -285,7 +285,11 @@ class FisherAverage(MergeMethod):
         return fisher.read(name).to(torch.float32).clamp_(min=self.epsilon)
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.check(len(tensors))
         weights = self.weights or [1.0] * len(tensors)

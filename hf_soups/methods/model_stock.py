@@ -70,7 +70,11 @@ class ModelStock(MergeMethod):
             )
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base_tensor = require_base(self, base)()
         k = len(tensors)

@@ -56,14 +56,18 @@ class PerTensorWeights(MergeMethod):
         return first_weighted([any(row[i] for row in rows) for i in range(num_ingredients)])
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         weights = self.weights.get(name, self.default)
         if weights is None:
             raise InvalidWeightsError(f"per-tensor weights: none given for tensor {name!r}")
         # One WeightedAverage serves every tensor, so its read buffer is reused throughout.
         self._average.weights = weights
-        return self._average.merge_tensor(name, tensors, base)
+        return self._average.merge_tensor(name, tensors, base, out)
 
     def parameters(self) -> dict:
         return {"weights": self.weights, "default": self.default}

@@ -132,7 +132,11 @@ class TaskArithmetic(MergeMethod):
             warn_if_extrapolating(self.name, coefficients)
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base_tensor = require_base(self, base)()
         coefficients = check_scaling(self.scaling, len(tensors))

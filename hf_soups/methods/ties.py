@@ -114,7 +114,11 @@ class TIES(MergeMethod):
         self.scaling = check_merged_scaling(self.name, scaling)
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base_tensor = require_base(self, base)()
         # Each task vector is read twice; its threshold is found once.

@@ -79,7 +79,11 @@ class Interpolation(MergeMethod):
         return first_weighted([1.0 - self.alpha, self.alpha])
 
     def merge_tensor(
-        self, name: str, tensors: Sequence[TensorLoader], base: TensorLoader | None
+        self,
+        name: str,
+        tensors: Sequence[TensorLoader],
+        base: TensorLoader | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         zero_shot, fine_tuned = tensors
         return interpolate(zero_shot(), fine_tuned(), self.alpha)
