@@ -6,12 +6,15 @@ CLIP ViT-L/14, 428 M parameters, 1.71 GB; each one ``model.safetensors``), and e
 as separate processes, one after the other:
 
 - ``hf-soups merge IN... --out OUT``: the command a user types (``--hf-soups``; with this
-  checkout first on ``PYTHONPATH``, so that its code runs);
+  checkout first on ``PYTHONPATH``, so that its code runs), and the same command with another
+  checkout's code (``--other-checkout DIR``: the A/B measurement of a change);
 - ``naive``: ``python -c`` a short script: ``load_file`` every input, average, ``save_file``;
 - ``mergekit-pytorch`` (linear merge, float32) when one is given or on ``PATH``;
 - ``cat IN... > /dev/null`` (the read floor) and ``python -c "import torch, safetensors"``.
 
 Wall time and peak RSS are the whole process's, as GNU ``time`` (``/usr/bin/time``) reports them.
+The commands take turns, ``--repeats`` times (default 3), each after a ``sync`` (no command pays
+for the write-back of another's output); a row is the run of median wall time.
 "growth" is that peak minus the peak of the same command merging two tiny checkpoints (the
 interpreter and its imports: the baseline). For ``hf_soups`` the in-process figures follow from
 ``bench_merge.py``'s child (imports and work timed apart; growth measured after imports with
@@ -64,7 +67,15 @@ SIZES = {
         projection_dim=768,
     ),
 }
-KINDS = ["cat", "import torch", "hf_soups", "hf_soups in-process", "naive", "mergekit"]
+KINDS = [
+    "cat",
+    "import torch",
+    "hf_soups",
+    "hf_soups other checkout",
+    "hf_soups in-process",
+    "naive",
+    "mergekit",
+]
 
 NAIVE = """
 import sys
@@ -158,8 +169,9 @@ def commands(kind: str, inputs: list[Path], out: Path, args) -> tuple[list[str],
     env = dict(os.environ)
     if args.torch_threads:
         env.update(OMP_NUM_THREADS=str(args.torch_threads))
-    if kind == "hf_soups":
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if kind in ("hf_soups", "hf_soups other checkout"):
+        code = REPO if kind == "hf_soups" else Path(args.other_checkout)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
         env["HF_HUB_OFFLINE"] = "1"
         return [args.hf_soups, "merge", *map(str, inputs), "--out", str(out)], env
     if kind == "naive":
@@ -240,26 +252,22 @@ def run(args) -> None:
     rows = []
     for n in args.n:
         inputs = folders[:n]
-        shutil.rmtree(outputs, ignore_errors=True)
-        outputs.mkdir(parents=True)
-        results = {}
-        for kind in kinds:
-            out = outputs / kind.replace(" ", "_")
-            print(f"N={n}: {kind} ...", flush=True)
-            if kind == "mergekit" and not has_mergekit:
-                results[kind] = {"skipped": "mergekit-pytorch not given"}
-            elif kind in ("naive", "mergekit") and not fits_in_memory(inputs):
-                results[kind] = {"skipped": "not run: needs every input in memory at once"}
-            elif kind == "hf_soups in-process":
-                results[kind] = in_process(inputs, out, args)
-            else:
-                command, env = commands(kind, inputs, out, args)
-                results[kind] = run_process(command, env)
-                if kind in baselines and baselines[kind] and "peak_mib" in results[kind]:
-                    results[kind]["growth_mib"] = results[kind]["peak_mib"] - baselines[kind]
-        for kind in ("hf_soups", "mergekit"):
-            if (outputs / kind).is_dir() and (outputs / "naive").is_dir():
-                results[kind]["check"] = identical(outputs / kind, outputs / "naive")
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+        checks = {}
+        # The commands take turns, repeats times over; each row is the run of median wall time.
+        for repeat in range(args.repeats):
+            shutil.rmtree(outputs, ignore_errors=True)
+            outputs.mkdir(parents=True)
+            for kind in kinds:
+                out = outputs / kind.replace(" ", "_")
+                print(f"N={n}, run {repeat + 1}/{args.repeats}: {kind} ...", flush=True)
+                runs[kind].append(measure(kind, inputs, out, args, has_mergekit, baselines))
+            for kind in ("hf_soups", "mergekit"):
+                if (outputs / kind).is_dir() and (outputs / "naive").is_dir():
+                    checks[kind] = identical(outputs / kind, outputs / "naive")
+        results = {kind: median_run(measured) for kind, measured in runs.items()}
+        for kind, check in checks.items():
+            results[kind]["check"] = check
         rows.append((n, results))
         shutil.rmtree(outputs, ignore_errors=True)
     print()
@@ -268,6 +276,35 @@ def run(args) -> None:
         Path(args.json).write_text(json.dumps({"rows": rows, "baselines": baselines}, indent=2))
     if not args.out_dir:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def measure(kind: str, inputs: list[Path], out: Path, args, has_mergekit, baselines) -> dict:
+    """One run of one command. Dirty pages are flushed first (``sync``), so that no command
+    pays for the write-back of the one before it."""
+    if kind == "mergekit" and not has_mergekit:
+        return {"skipped": "mergekit-pytorch not given"}
+    if kind == "hf_soups other checkout" and not args.other_checkout:
+        return {"skipped": "no --other-checkout given"}
+    if kind in ("naive", "mergekit") and not fits_in_memory(inputs):
+        return {"skipped": "not run: needs every input in memory at once"}
+    os.sync()
+    if kind == "hf_soups in-process":
+        return in_process(inputs, out, args)
+    command, env = commands(kind, inputs, out, args)
+    result = run_process(command, env)
+    if baselines.get(kind) and "peak_mib" in result:
+        result["growth_mib"] = result["peak_mib"] - baselines[kind]
+    return result
+
+
+def median_run(measured: list[dict]) -> dict:
+    """The run of median wall time (its own peak RSS with it), and every run's wall time."""
+    timed = [run for run in measured if "wall_s" in run or "work_s" in run]
+    if len(timed) < len(measured):
+        return next(run for run in measured if run not in timed)
+    key = "wall_s" if "wall_s" in timed[0] else "work_s"
+    ordered = sorted(timed, key=lambda run: run[key])
+    return dict(ordered[(len(ordered) - 1) // 2], walls=[run[key] for run in timed])
 
 
 def _ratio(a, b) -> str:
@@ -298,11 +335,14 @@ def report(size: str, rows, baselines, bound_mib: float) -> str:
                 )
                 continue
             growth = row.get("growth_mib")
-            versus = _ratio(ours, row["wall_s"]) if kind in ("naive", "mergekit") else ""
+            compared = ("naive", "mergekit", "hf_soups other checkout")
+            versus = _ratio(ours, row["wall_s"]) if kind in compared else ""
+            notes = [row["check"]] if "check" in row else []
+            if len(row.get("walls", [])) > 1:
+                notes.append("runs " + ", ".join(f"{wall:.2f}" for wall in row["walls"]))
             lines.append(
                 f"| {n} | {kind} | {row['wall_s']:.2f} | {row['peak_mib']:.0f} | "
-                f"{'' if growth is None else f'{growth:.0f}'} | {versus} | "
-                f"{row.get('check', '')} |"
+                f"{'' if growth is None else f'{growth:.0f}'} | {versus} | {'; '.join(notes)} |"
             )
     return "\n".join(lines)
 
@@ -319,7 +359,14 @@ def main() -> None:
         default=shutil.which("hf-soups") or str(Path(sys.executable).parent / "hf-soups"),
     )
     parser.add_argument("--mergekit", default=shutil.which("mergekit-pytorch"))
+    parser.add_argument(
+        "--other-checkout",
+        help="a checkout of another hf_soups version, timed beside this one (A/B of a change)",
+    )
     parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for every command")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each command, taking turns (median)"
+    )
     parser.add_argument("--json", help="also write the raw numbers here")
     run(parser.parse_args())
 
