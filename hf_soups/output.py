@@ -171,6 +171,18 @@ def final_name(folder: str | os.PathLike) -> str:
     return name
 
 
+def final_path(path: str | os.PathLike) -> Path:
+    """``path`` as it will read once every :func:`atomic_output_dir` on it has moved its folder
+    into place: what a log line names, rather than a temporary folder that is gone by the time
+    the user reads it."""
+    parts = []
+    for part in Path(path).parts:
+        while (found := _TEMPORARY_NAME.fullmatch(part)) is not None:
+            part = found.group(1)
+        parts.append(part)
+    return Path(*parts)
+
+
 def _unique() -> str:
     # The process id lets the next run tell a leftover of a dead run from a run in progress.
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

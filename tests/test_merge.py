@@ -1,6 +1,7 @@
 """The streaming merge against an independent float64 reference, on real (tiny) architectures."""
 
 import json
+import logging
 import re
 import stat
 
@@ -302,3 +303,12 @@ def test_output_folder_mode_follows_the_umask_like_a_plain_mkdir(vit_folders, tm
     plain.mkdir()
     out = merge(vit_folders, tmp_path / "soup", progress=False)
     assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_log_lines_name_the_output_folder_not_its_temporary_one(tmp_path, caplog):
+    folders = [make_clip_folder(tmp_path / f"m{seed}", seed=seed) for seed in range(2)]
+    with caplog.at_level(logging.INFO, logger="hf_soups"):
+        merge(folders, tmp_path / "soup", progress=False)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(str(tmp_path / "soup" / "README.md") in message for message in messages)
+    assert not [message for message in messages if ".tmp-" in message]

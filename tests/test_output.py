@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import constants
 
 from hf_soups.errors import OutputExistsError, OutputOverlapsInputError
-from hf_soups.output import atomic_output_dir, check_output_dir
+from hf_soups.output import atomic_output_dir, check_output_dir, final_path
 
 
 @pytest.fixture
@@ -141,3 +141,13 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(tmp_path):
         (target / "model.safetensors").write_bytes(b"theirs")
     assert (target / "model.safetensors").read_bytes() == b"theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]
+
+
+def test_final_path_names_the_folder_a_nested_temporary_one_becomes(tmp_path):
+    with atomic_output_dir(tmp_path / "soup") as work:
+        (work / "sub").mkdir()
+        with atomic_output_dir(work / "sub" / "plots") as inner:
+            inside = inner / "sweep.png"
+            assert ".tmp-" in str(inside)
+            assert final_path(inside) == tmp_path / "soup" / "sub" / "plots" / "sweep.png"
+    assert final_path(tmp_path / "plain" / "x") == tmp_path / "plain" / "x"

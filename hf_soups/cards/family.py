@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hf_soups.cards.sources import is_repo_id
 from hf_soups.errors import HfSoupsError
-from hf_soups.output import final_name
+from hf_soups.output import final_name, final_path
 from hf_soups.recipe.schema import Recipe
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def family_metadata(folder: Path, recipe: Recipe, repo_id: str):
     try:
         family = detect_family(folder)
     except HfSoupsError as error:
-        logger.info("%s: the card names no library (%s)", folder, error)
+        logger.info("%s: the card names no library (%s)", final_path(folder), error)
         return CardMetadata(None, None, False, None)
     task = ZeroShotTask.from_dict(recipe.task) if recipe.task else None
     return family.card_metadata(repo_id, task)

@@ -17,7 +17,7 @@ import hf_soups.cards.tables as tables
 from hf_soups.cards.family import architecture, family_metadata
 from hf_soups.cards.metadata import CARD_FILE, card_data
 from hf_soups.cards.text import citations_of, method_text, reproduce, summary
-from hf_soups.output import final_name
+from hf_soups.output import final_name, final_path
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe
 
 logger = logging.getLogger(__name__)
@@ -172,5 +172,5 @@ def write_card(
     card = render_card(folder, recipe=recipe, model_name=model_name, repo_id=repo_id)
     path = folder / CARD_FILE
     _replace(path, str(card))
-    logger.info("Wrote the model card %s", path)
+    logger.info("Wrote the model card %s", final_path(path))
     return path

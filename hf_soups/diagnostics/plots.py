@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from hf_soups.diagnostics.connectivity import SOUP, InterpolationPath
 from hf_soups.diagnostics.weights import WeightStatistics
+from hf_soups.output import final_path
 
 if TYPE_CHECKING:
     from hf_soups.diagnostics.verdict import DiagnosticsReport
@@ -144,5 +145,5 @@ def _save(figure: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    logger.info("Wrote %s", path)
+    logger.info("Wrote %s", final_path(path))
     return path

@@ -27,7 +27,7 @@ from hf_soups.distributed import check_agreement, main_process_only
 from hf_soups.evaluation import EvalResult
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import IngredientLike
-from hf_soups.output import atomic_output_dir
+from hf_soups.output import atomic_output_dir, final_path
 from hf_soups.patching.interpolation import (
     Endpoints,
     interpolation_recipe,
@@ -160,7 +160,7 @@ class PatchResult:
             )
             self.plot(work_dir / PLOT_FILE)
             write_card(work_dir)  # again, now that the plot it links exists
-        logger.info("Wrote the model at alpha=%g to %s", self.alpha, out_dir)
+        logger.info("Wrote the model at alpha=%g to %s", self.alpha, final_path(out_dir))
         return Path(out_dir)
 
     def recipe(self, dtype: torch.dtype | None = None) -> Recipe:

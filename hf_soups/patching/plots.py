@@ -18,6 +18,7 @@ from statistics import fmean
 
 from matplotlib.figure import Figure
 
+from hf_soups.output import final_path
 from hf_soups.patching.sweep import SweepResult, result_interval
 
 logger = logging.getLogger(__name__)
@@ -129,5 +130,5 @@ def plot_sweep(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-    logger.info("Wrote the sweep plot to %s", path)
+    logger.info("Wrote the sweep plot to %s", final_path(path))
     return path
