@@ -338,7 +338,13 @@ def merge(
     """
     ingredients, method, base = _prepare(ingredients, weights, method, base)
     template = ingredients[0]
-    shards, indexes = plan_shards(template, dtype, max_shard_size)
+    try:
+        shards, indexes = plan_shards(template, dtype, max_shard_size)
+    except ValueError:
+        raise ValueError(
+            f"max_shard_size: {max_shard_size!r} is not a size (a number of bytes, or with a "
+            "unit: '5GB', '500MB')"
+        ) from None
     with (
         atomic_output_dir(
             out_dir,

@@ -385,3 +385,10 @@ def test_failure_while_writing_leaves_nothing(setup, monkeypatch, failure, overw
         after = load_weights(outputs / "soup")
         assert after.keys() == before.keys()
         assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_a_shard_size_that_is_no_size(setup):
+    a, b, outputs = setup
+    fails_cleanly(
+        outputs, ValueError, ["'lots' is not a size", "5GB"], [a, b], max_shard_size="lots"
+    )

@@ -763,3 +763,20 @@ def test_real_wise_ft_card_rebuilds_the_model(vit_pool, tmp_path, monkeypatch):
     assert rebuilt.keys() == original.keys()
     for name in original:
         assert torch.equal(rebuilt[name], original[name]), name
+
+
+@pytest.mark.parametrize("license", ["not a license", "MIT", "", "apache 2.0"])
+def test_a_license_that_is_no_hub_id_is_refused_and_nothing_changes(tmp_path, license):
+    recipe = {"method": "weighted_average", "parameters": {"weights": [0.5, 0.5]}}
+    ingredients = [local_ingredient(tmp_path, f"ft{i}", "mit") for i in range(2)]
+    folder = write_folder(tmp_path, {**recipe, "ingredients": ingredients})
+    before = (folder / "soup.json").read_bytes()
+    with pytest.raises(ValueError, match="not a Hub license id"):
+        write_card(folder, license=license)
+    assert (folder / "soup.json").read_bytes() == before
+    assert not (folder / "README.md").exists()
+
+
+def test_card_command_on_a_missing_folder_says_so(tmp_path, capsys):
+    assert main(["card", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().endswith("nowhere: no such file or folder")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -76,6 +77,7 @@ def render_card(
 
     Raises:
         RecipeError: the folder has no ``soup.json``, or a malformed one.
+        ValueError: ``license`` is not written as a Hub license id.
     """
     folder = Path(folder)
     recipe = recipe if recipe is not None else Recipe.load(folder)
@@ -140,6 +142,19 @@ def _replace(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def check_license(license: str) -> None:
+    """Refuse what cannot be a Hub license id (``mit``, ``apache-2.0``, ``cc-by-nc-4.0``,
+    ``other``...): the Hub's ids are lowercase words joined by ``-``, ``.`` or ``+``."""
+    if not _LICENSE_ID.fullmatch(license):
+        raise ValueError(
+            f"license {license!r} is not a Hub license id (lowercase, no spaces: 'mit', "
+            "'apache-2.0', 'cc-by-4.0', or 'other')"
+        )
+
+
 def write_card(
     folder: str | os.PathLike,
     *,
@@ -163,9 +178,12 @@ def write_card(
 
     Raises:
         RecipeError: the folder has no ``soup.json``, or a malformed one.
+        ValueError: ``license`` is not written as a Hub license id.
     """
     folder = Path(folder)
     recipe = Recipe.load(folder)
+    if license is not None:
+        check_license(license)
     if license is not None and license != recipe.license:
         recipe.license = license
         _replace(folder / RECIPE_FILE, json.dumps(recipe.to_dict(), indent=2) + "\n")

@@ -236,6 +236,8 @@ class Recipe:
     def load(cls, path: str | os.PathLike) -> Recipe:
         """Read ``soup.json`` (or the ``soup.json`` of a folder)."""
         path = Path(path)
+        if not path.exists():
+            raise RecipeError(f"{path}: no such file or folder")
         if path.is_dir():
             path = path / RECIPE_FILE
         if not path.is_file():
