@@ -4,7 +4,7 @@ Score every ingredient on held-out data, sort best first, start the soup with th
 make one pass over the rest: add an ingredient to the uniform average only if the held-out score
 of the soup with it beats the current soup's. A float32 running sum read with the merge engine's
 loaders is kept, so each ingredient's weights are read once in the pass, and each candidate soup
-is cast by the engine's dtype rule (:func:`hf_soups.merge.complete_state_dict`).
+is cast by the engine's dtype rule (:func:`hf_soups.merged_tensors.complete_state_dict`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_soups.ingredients import Ingredient
-from hf_soups.merge import complete_state_dict, float_state
+from hf_soups.merged_tensors import complete_state_dict, float_state
 from hf_soups.recipe.schema import GreedyStep
 from hf_soups.stats import gain_is_significant
 

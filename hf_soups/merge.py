@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,22 +21,10 @@ from tqdm.auto import tqdm
 
 from hf_soups.cards import write_card
 from hf_soups.checkpoint_files import copy_extra_files
-from hf_soups.errors import (
-    IncompatibleIngredientsError,
-    NonFiniteWeightsError,
-    RecipeError,
-)
-from hf_soups.ingredients import (
-    Ingredient,
-    TensorInfo,
-    check_compatible,
-)
-from hf_soups.methods.base import (
-    MergeMethod,
-    TensorLoader,
-    WeightedAverage,
-    check_method_inputs,
-)
+from hf_soups.errors import IncompatibleIngredientsError, RecipeError
+from hf_soups.ingredients import Ingredient, TensorInfo, check_compatible
+from hf_soups.merged_tensors import cast_dtype, merged_tensors, ordered_names
+from hf_soups.methods.base import MergeMethod, WeightedAverage, check_method_inputs
 from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
 from hf_soups.safetensors_writer import SafetensorsWriter, plan_safetensors
@@ -62,102 +49,6 @@ def as_ingredients(sources: Sequence[IngredientLike], **resolve_kwargs) -> list[
     ]
 
 
-def _loader(ingredient: Ingredient, name: str) -> TensorLoader:
-    """A loader of ``name`` as float32, into a given buffer when one is passed."""
-    stored = ingredient.tensors[name].dtype
-
-    def load(out: torch.Tensor | None = None) -> torch.Tensor:
-        if stored == torch.float32:
-            return ingredient.read(name, out=out)
-        tensor = ingredient.read(name).to(torch.float32)
-        return tensor if out is None else out.copy_(tensor)
-
-    return load
-
-
-def _check_finite(
-    tensor: torch.Tensor, name: str, ingredients: Sequence[Ingredient], allow_non_finite: bool
-) -> None:
-    """Check ``tensor`` as it will be written, after the cast to the output dtype: a value
-    beyond float16's range is finite in float32 and infinite once cast."""
-    # NaN and inf propagate through a sum, so a finite sum proves every value finite at a
-    # twentieth of the cost of an elementwise isfinite; only an overflowing sum needs that. Half
-    # precision tensors are summed in float32, where their sum cannot overflow.
-    total = tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
-    if math.isfinite(total.item()) or torch.isfinite(tensor).all():
-        return
-    culprits = [i.name for i in ingredients if not torch.isfinite(i.read(name).float()).all()]
-    if culprits:
-        where = f" in {', '.join(culprits)}"
-    elif tensor.dtype != torch.float32:
-        where = f" after merging and casting to {str(tensor.dtype).removeprefix('torch.')}"
-    else:
-        where = " after merging"
-    message = f"tensor {name!r} has NaN or infinite values{where}"
-    if not allow_non_finite:
-        raise NonFiniteWeightsError(message + " (pass allow_non_finite=True to merge anyway)")
-    logger.warning(message)
-
-
-def _copied_buffer(name: str, ingredients: Sequence[Ingredient], source: int) -> torch.Tensor:
-    """An integer or boolean buffer, copied from ingredient ``source``; warns, naming the
-    ingredients, when others hold different values (the output can hold only one of them)."""
-    copied = ingredients[source].read(name)
-    differing = [
-        ingredient.name
-        for index, ingredient in enumerate(ingredients)
-        if index != source and not torch.equal(ingredient.read(name), copied)
-    ]
-    if differing:
-        logger.warning(
-            "tensor %r: integer buffer copied from %s, whose values differ in %s",
-            name,
-            ingredients[source].name,
-            ", ".join(differing),
-        )
-    return copied
-
-
-def merged_tensors(
-    ingredients: Sequence[Ingredient],
-    method: MergeMethod,
-    names: Sequence[str],
-    *,
-    base: Ingredient | None = None,
-    dtype: torch.dtype | None = None,
-    allow_non_finite: bool = False,
-    mask: SoupMask | None = None,
-    memory: Callable[[torch.Size], torch.Tensor] | None = None,
-):
-    """Yield ``(name, tensor)`` for ``names``, as written to the output.
-
-    Floating tensors are merged by ``method`` in float32 (into ``memory(shape)`` when given,
-    which the streaming merge reuses), cast to ``dtype`` (default: the first ingredient's dtype
-    of each tensor) and then checked finite. Integer and boolean buffers
-    (position ids and the like) are not averaged: they are copied from the ingredient
-    ``method.buffer_source`` names (the first with a non-zero weight), with a warning when the
-    ingredients disagree. A sparse soup's ``mask`` sets its pruned entries to exact zeros.
-    """
-    template = ingredients[0]
-    source = method.buffer_source(len(ingredients))
-    for name in names:
-        info = template.tensors[name]
-        if not info.dtype.is_floating_point:
-            yield name, _copied_buffer(name, ingredients, source)
-            continue
-        merged = method.merge_tensor(
-            name,
-            [_loader(ingredient, name) for ingredient in ingredients],
-            _loader(base, name) if base is not None else None,
-            out=memory(torch.Size(info.shape)) if memory is not None else None,
-        )
-        if mask is not None:
-            merged = mask.apply(name, merged)
-        written = merged.to(_cast_dtype(info, dtype))
-        _check_finite(written, name, [*ingredients, *([base] if base else [])], allow_non_finite)
-        yield name, written
-
-
 def _prepare(
     ingredients: Sequence[IngredientLike],
     weights: Sequence[float] | None,
@@ -177,14 +68,6 @@ def _prepare(
     base = as_ingredients([base])[0] if base is not None else None
     check_compatible([*ingredients, *([base] if base else [])])
     return ingredients, method, base
-
-
-def _ordered_names(ingredient: Ingredient) -> list[str]:
-    # Reading in file order keeps each input file's reads sequential.
-    return sorted(
-        ingredient.tensors,
-        key=lambda n: (str(ingredient.tensors[n].file), ingredient.tensors[n].offset),
-    )
 
 
 def weighted_state_dict(
@@ -207,36 +90,13 @@ def weighted_state_dict(
         merged_tensors(
             ingredients,
             method,
-            _ordered_names(ingredients[0]),
+            ordered_names(ingredients[0]),
             base=base,
             dtype=dtype,
             allow_non_finite=allow_non_finite,
             mask=mask,
         )
     )
-
-
-def float_state(ingredient: Ingredient) -> dict[str, torch.Tensor]:
-    """The ingredient's floating tensors in float32, read with the engine's loaders (running
-    sums, such as the greedy soup's, accumulate these)."""
-    return {
-        name: _loader(ingredient, name)()
-        for name in _ordered_names(ingredient)
-        if ingredient.tensors[name].dtype.is_floating_point
-    }
-
-
-def complete_state_dict(
-    float_tensors: dict[str, torch.Tensor], template: Ingredient, dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """A full state dict, keyed as on disk, from merged float32 tensors: cast by the engine's
-    dtype rule, with the template's non-floating buffers."""
-    return {
-        name: float_tensors[name].to(_cast_dtype(info, dtype))
-        if info.dtype.is_floating_point
-        else template.read(name)
-        for name, info in template.tensors.items()
-    }
 
 
 def plan_shards(
@@ -249,7 +109,7 @@ def plan_shards(
     huggingface_hub's own splitter, as ``save_pretrained`` does.
     """
     groups: dict[str, dict[str, TensorInfo]] = {}
-    for name in _ordered_names(template):
+    for name in ordered_names(template):
         info = template.tensors[name]
         groups.setdefault(info.group, {})[name] = info
     shards: list[tuple[str, list[str]]] = []
@@ -257,7 +117,7 @@ def plan_shards(
     for group, infos in groups.items():
         split = split_state_dict_into_shards_factory(
             infos,
-            get_storage_size=lambda info: info.numel * _cast_dtype(info, dtype).itemsize,
+            get_storage_size=lambda info: info.numel * cast_dtype(info, dtype).itemsize,
             filename_pattern=group + "{suffix}.safetensors",
             max_shard_size=max_shard_size,
         )
@@ -279,7 +139,7 @@ def _planned(
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """The output ``(dtype, shape)`` of each of ``names``, as :func:`merged_tensors` yields it."""
     return {
-        name: (_cast_dtype(template.tensors[name], dtype), template.tensors[name].shape)
+        name: (cast_dtype(template.tensors[name], dtype), template.tensors[name].shape)
         for name in names
     }
 
@@ -287,12 +147,6 @@ def _planned(
 def _largest_float_numel(template: Ingredient, names: Sequence[str]) -> int:
     infos = [template.tensors[name] for name in names]
     return max((info.numel for info in infos if info.dtype.is_floating_point), default=0)
-
-
-def _cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
-    """The output dtype of a tensor: ``dtype`` (default: as stored) for floating tensors;
-    integer and boolean buffers keep theirs."""
-    return (dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
 
 
 def merge(

@@ -312,3 +312,24 @@ def test_log_lines_name_the_output_folder_not_its_temporary_one(tmp_path, caplog
     messages = [record.getMessage() for record in caplog.records]
     assert any(str(tmp_path / "soup" / "README.md") in message for message in messages)
     assert not [message for message in messages if ".tmp-" in message]
+
+
+def test_differing_integer_buffers_are_copied_with_one_warning(tmp_path, caplog):
+    def state(steps):
+        return {
+            "w": torch.full((4,), float(steps)),
+            **{f"bn{i}.num_batches_tracked": torch.tensor(steps) for i in range(5)},
+            "ids": torch.arange(3),
+        }
+
+    folders = [write_weights_folder(tmp_path / f"in{i}", state(10 * (i + 1))) for i in range(2)]
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        merged = weighted_state_dict(folders)
+    # Copied from the first ingredient, not averaged; the weights are averaged.
+    assert all(int(merged[f"bn{i}.num_batches_tracked"]) == 10 for i in range(5))
+    assert torch.equal(merged["ids"], torch.arange(3))
+    assert torch.equal(merged["w"], torch.full((4,), 15.0))
+    warnings = [r.getMessage() for r in caplog.records if "integer buffer" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("5 integer buffer(s) ('bn0.num_batches_tracked'")
+    assert "in1" in warnings[0] and "'ids'" not in warnings[0]

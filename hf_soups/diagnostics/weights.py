@@ -1,6 +1,6 @@
 """Pairwise weight statistics of ingredients, streamed one tensor name at a time.
 
-The statistics run through the merge engine (:func:`hf_soups.merge.merged_tensors`) as a
+The statistics run through the merge engine (:func:`hf_soups.merged_tensors.merged_tensors`) as a
 :class:`~hf_soups.methods.base.MergeMethod`: the engine reads one tensor name from every
 ingredient (and the base) with :meth:`Ingredient.read`, so memory holds the N tensors of one name,
 never N models. For each tensor the method accumulates, in float64 over slices of at most
@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_soups.ingredients import Ingredient, check_compatible
-from hf_soups.merge import IngredientLike, as_ingredients, merged_tensors
+from hf_soups.merge import IngredientLike, as_ingredients
+from hf_soups.merged_tensors import merged_tensors
 from hf_soups.methods.base import MergeMethod, TensorLoader
 
 logger = logging.getLogger(__name__)
