@@ -301,6 +301,18 @@ def test_task_arithmetic_warns_once_when_the_scalings_extrapolate(checkpoints, t
     assert caplog.records == []
 
 
+def test_dare_linear_warns_once_when_the_scalings_extrapolate(checkpoints, tmp_path, caplog):
+    base, tunes = checkpoints
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        _run(DARELinear(drop_rate=0.5, seed=0), tunes, base, tmp_path / "default")
+    warnings = [r.getMessage() for r in caplog.records if "extrapolates" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("dare_linear: the scalings of the 3")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        DARELinear(scaling=1 / 3).check(3)
+    assert caplog.records == []
+
+
 # ---------------------------------------------------------------- DARE
 
 

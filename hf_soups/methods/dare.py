@@ -28,6 +28,7 @@ from hf_soups.methods.task_arithmetic import (
     check_fraction,
     check_scaling,
     require_base,
+    warn_if_extrapolating,
 )
 from hf_soups.methods.ties import TIES_CITATION, check_merged_scaling, elect_and_disjoint_merge
 
@@ -93,9 +94,13 @@ class DARELinear(_DARE):
     def __init__(self, drop_rate: float = 0.9, scaling: Scaling = 1.0, seed: int = 0):
         super().__init__(drop_rate, seed)
         self.scaling = check_scaling(scaling)
+        self._warned: set[int] = set()
 
     def check(self, num_ingredients: int) -> None:
-        check_scaling(self.scaling, num_ingredients)
+        # DARE rescales the kept deltas to their expected value: the scalings extrapolate
+        # exactly as task arithmetic's do.
+        coefficients = check_scaling(self.scaling, num_ingredients)
+        warn_if_extrapolating(self.name, coefficients, self._warned)
 
     def merge_tensor(
         self,

@@ -77,8 +77,16 @@ def check_fraction(value: float, argument: str, *, allow_zero: bool, allow_one: 
     return value
 
 
-def warn_if_extrapolating(method: str, coefficients: Sequence[float]) -> None:
-    """Warn when the task vectors' scalings sum to more than 1 (see the module docstring)."""
+def warn_if_extrapolating(
+    method: str, coefficients: Sequence[float], warned: set[int] | None = None
+) -> None:
+    """Warn when the task vectors' scalings sum to more than 1 (see the module docstring);
+    with ``warned``, once per number of task vectors (a soup and its merge both check one
+    method)."""
+    if warned is not None:
+        if len(coefficients) in warned:
+            return
+        warned.add(len(coefficients))
     total = math.fsum(coefficients)
     if total > 1.0:
         logger.warning(
@@ -122,14 +130,11 @@ class TaskArithmetic(MergeMethod):
 
     def __init__(self, scaling: Scaling = 1.0):
         self.scaling = check_scaling(scaling)
-        self._extrapolation_checked: set[int] = set()
+        self._warned: set[int] = set()
 
     def check(self, num_ingredients: int) -> None:
         coefficients = check_scaling(self.scaling, num_ingredients)
-        # Once per number of task vectors: a soup and its merge both check the same method.
-        if num_ingredients not in self._extrapolation_checked:
-            self._extrapolation_checked.add(num_ingredients)
-            warn_if_extrapolating(self.name, coefficients)
+        warn_if_extrapolating(self.name, coefficients, self._warned)
 
     def merge_tensor(
         self,
