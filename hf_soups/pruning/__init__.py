@@ -10,6 +10,10 @@ Example::
 Masks map in-memory parameter names to bool tensors (``True`` kept); pruned weights are exact
 zeros. The prunable tensors are the weight matrices of Linear and Conv layers
 (:func:`prunable_parameters`).
+
+Structured reduction of ViT/CLIP MLP widths lives in :mod:`hf_soups.pruning.reduction`
+(:func:`reduce_mlp`, :func:`reduce_and_retrain`, :func:`save_reduced`); parameter and FLOP
+counts from a config in :mod:`hf_soups.pruning.flops` (:func:`model_counts`).
 """
 
 from hf_soups.pruning.grasp import GraSP
@@ -56,10 +60,14 @@ __all__ = [
     "load_masks",
     "masks_from_scores",
     "model_loss",
+    "model_counts",
     "prunable_parameters",
     "prune",
+    "reduce_and_retrain",
+    "reduce_mlp",
     "read_mask_file",
     "save_pruned",
+    "save_reduced",
     "soup_mask",
     "sparse_soup_rounds",
     "sparsity_by_tensor",
@@ -69,10 +77,19 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The Sparse Model Soups loop needs transformers' Trainer; hf_soups.ingredients imports this
-    # package (for MASK_FILE) and must not pull transformers into a plain safetensors merge.
+    # The Sparse Model Soups loop, the reduction and the counts need transformers;
+    # hf_soups.ingredients imports this package (for MASK_FILE) and must not pull transformers
+    # into a plain safetensors merge.
     if name in ("SparseSoupResult", "SparseSoupRound", "sparse_soup_rounds"):
         from hf_soups.pruning import rounds
 
         return getattr(rounds, name)
+    if name == "model_counts":
+        from hf_soups.pruning import flops
+
+        return flops.model_counts
+    if name in ("reduce_mlp", "reduce_and_retrain", "save_reduced"):
+        from hf_soups.pruning import reduction
+
+        return getattr(reduction, name)
     raise AttributeError(f"module 'hf_soups.pruning' has no attribute {name!r}")
