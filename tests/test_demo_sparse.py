@@ -211,6 +211,27 @@ def test_cli_sparse_flag_runs_only_the_sparse_stage(monkeypatch, tmp_path, capsy
     monkeypatch.setattr("hf_soups.demo.sparse.run_sparse_demo", fake)
     with pytest.raises(SystemExit):
         main(["-q", "demo", "--sparse", "--fast", "--out", str(tmp_path / "o"), "--seed", "3"])
-    assert calls == [
-        (str(tmp_path / "o"), {"fast": True, "seed": 3, "overwrite": False, "progress": False})
+    options = {"fast": True, "seed": 3, "overwrite": False, "progress": False, "zero_shot": None}
+    assert calls == [(str(tmp_path / "o"), options)]
+
+
+def test_cli_zero_shot_needs_the_sparse_stage(tmp_path, capsys):
+    assert main(["-q", "demo", "--out", str(tmp_path / "o"), "--zero-shot", str(tmp_path)]) != 0
+    assert "--zero-shot" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_given_zero_shot_model_is_started_from_not_copied(sparse, tmp_path):
+    zero_shot = sparse[0] / "zero_shot"
+    small = SparseConfig(copies=1, sparsities=(0.5,), soups=("uniform",), max_steps=2)
+    results = run_sparse_demo(tmp_path, config=small, zero_shot=zero_shot, progress=False)
+    assert "pre-training" not in results.seconds
+    assert sorted(p.name for p in (tmp_path / "sparse").iterdir()) == [
+        "sparse_results.json",
+        "sparse_results.md",
+        "sparse_soup",
+        "sparse_soup_copies",
     ]
+    soup = load_file(tmp_path / "sparse" / "sparse_soup" / "model.safetensors")
+    start = load_file(zero_shot / "model.safetensors")
+    assert all(torch.equal(soup[n], start[n]) for n in start if n.startswith("text_model."))

@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run only the sparse stage into OUT/sparse/: dense soup, IMP and Sparse Model "
         "Soups at 50/80/90%% sparsity (a few minutes)",
     )
+    parser.add_argument(
+        "--zero-shot",
+        metavar="DIR",
+        help="with --sparse: start from this pre-trained demo CLIP (OUT/zero_shot of a full "
+        "demo run) instead of pre-training one",
+    )
     parser.set_defaults(func=run)
 
 
@@ -31,6 +37,8 @@ def run(args: argparse.Namespace) -> None:
     if args.sparse:
         run_sparse(args)
         return
+    if args.zero_shot:
+        raise ValueError("--zero-shot: only the sparse stage (--sparse) starts from a given CLIP")
     from hf_soups.demo.run import run_demo
 
     demo = run_demo(
@@ -47,7 +55,12 @@ def run_sparse(args: argparse.Namespace) -> None:
     from hf_soups.demo.sparse import SPARSE_FOLDER, SPARSE_SOUP_FOLDER, run_sparse_demo
 
     sparse = run_sparse_demo(
-        args.out, fast=args.fast, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet
+        args.out,
+        fast=args.fast,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        zero_shot=args.zero_shot,
     )
     print(sparse.table())
     folder = f"{args.out}/{SPARSE_FOLDER}"

@@ -27,13 +27,14 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import CLIPProcessor, PrinterCallback, Trainer, TrainingArguments
 
 from hf_soups.builder import SoupBuilder
@@ -46,13 +47,18 @@ from hf_soups.demo.pretrain import (
     pretrain_zero_shot,
     quiet_transformers,
 )
-from hf_soups.evaluation import EvalResult, Evaluator
+from hf_soups.demo.sparse_results import (
+    REPORTED_SET,
+    SparseConfig,
+    SparseResults,
+    SparseRow,
+)
+from hf_soups.evaluation import Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.models import ZeroShotTask
 from hf_soups.output import atomic_output_dir
 from hf_soups.pruning import disk_names, prunable_parameters, sparse_soup_rounds, write_mask_file
-from hf_soups.recipe.schema import PruningRecipe, Score
-from hf_soups.report import format_score
+from hf_soups.recipe.schema import PruningRecipe
 from hf_soups.threads import one_thread
 
 logger = logging.getLogger(__name__)
@@ -62,33 +68,6 @@ SPARSE_JSON = "sparse_results.json"
 SPARSE_MD = "sparse_results.md"
 SPARSE_SOUP_FOLDER = "sparse_soup"
 SPARSE_COPIES_FOLDER = "sparse_soup_copies"
-REPORTED_SET = "test"
-
-
-@dataclass(frozen=True)
-class SparseConfig:
-    """The sparse stage's schedule: what every training run and every soup does."""
-
-    copies: int = 3
-    sparsities: tuple[float, ...] = (0.5, 0.8, 0.9)
-    soups: tuple[str, ...] = ("greedy", "uniform")
-    """Soup rules of the sparse soups; the first one's last soup is saved."""
-    scope: str = "layer"
-    """Magnitude pruning per layer: a global threshold pruned the patch embedding whole at 80%
-    (its weights are the smallest), leaving the model at chance."""
-    dense_epochs: float = 2.0
-    dense_learning_rate: float = 1e-3
-    retrain_epochs: float = 2.0
-    retrain_learning_rate: float = 1e-3
-    batch_size: int = 64
-    max_steps: int = -1
-    """Cut every training run to this many steps (for tests)."""
-
-
-SPARSE_SIZES: dict[str, SparseConfig] = {
-    "fast": SparseConfig(retrain_epochs=1.0),
-    "default": SparseConfig(),
-}
 
 
 class ImageSideFineTuning(FixedHeadFineTuning):
@@ -105,77 +84,6 @@ class ImageSideFineTuning(FixedHeadFineTuning):
         self.scorer = fine_tuning.scorer
         # Held, not registered: deepcopy still copies it with the scorer's modules shared.
         object.__setattr__(self, "model", fine_tuning.model)
-
-
-@dataclass
-class SparseRow:
-    """One model of the table: its kind, the sparsity aimed at and measured, and its scores."""
-
-    name: str
-    kind: str
-    target_sparsity: float
-    sparsity: float
-    copies: int
-    validation: float
-    results: dict[str, EvalResult] = field(repr=False)
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "target_sparsity": self.target_sparsity,
-            "sparsity": self.sparsity,
-            "copies_per_round": self.copies,
-            "validation_accuracy": self.validation,
-            "results": {key: result.to_dict() for key, result in self.results.items()},
-        }
-
-
-@dataclass
-class SparseResults:
-    """What the sparse stage measured, the soup it saved and how long it took."""
-
-    rows: list[SparseRow]
-    config: SparseConfig
-    seconds: dict[str, float]
-    saved: str
-    rounds: dict[str, list[dict]]
-
-    def table(self) -> str:
-        """Accuracy in percent with its 95% Wilson interval, and the measured sparsity."""
-        sets = list(self.rows[0].results)
-        lines = [
-            "| model | " + " | ".join(sets) + " | sparsity |",
-            "|" + "---|" * (len(sets) + 2),
-        ]
-        for row in self.rows:
-            cells = [format_score(Score.of(row.results[key]), percent=True) for key in sets]
-            lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {100 * row.sparsity:.1f}% |")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {
-            "rows": [row.to_dict() for row in self.rows],
-            "config": asdict(self.config),
-            "rounds": self.rounds,
-            "saved_soup": self.saved,
-            "seconds": self.seconds,
-        }
-
-    def markdown(self) -> str:
-        return f"{PROTOCOL.format(**asdict(self.config))}\n{self.table()}\n"
-
-
-PROTOCOL = """\
-Sparse Model Soups on the demo's tiny CLIP (image tower and visual projection pruned by
-magnitude, scope "{scope}"; text tower, text projection and logit scale frozen and dense). Every copy is
-retrained {retrain_epochs:g} epoch(s) at learning rate {retrain_learning_rate:g} from the model
-before it, seeds differing; the dense model was fine-tuned {dense_epochs:g} epoch(s) from the
-pre-trained CLIP. IMP retrains one copy per round; sparse and dense soups {copies} copies per
-round. Greedy soups choose on the clean validation split; the test split and its shifted copies
-are only reported. Cells: accuracy in percent with its 95% Wilson interval (n = 1,000); the
-last column is the measured share of zeros among the prunable weights.
-"""
 
 
 def _arguments(
@@ -216,10 +124,12 @@ def run_sparse_demo(
     pretrain: str | PretrainConfig | None = None,
     pretrain_steps: int | None = None,
     config: SparseConfig | None = None,
+    zero_shot: str | os.PathLike | None = None,
 ) -> SparseResults:
     """Run the sparse stage into ``out_dir/sparse/`` (written atomically).
 
-    ``sparse/`` ends up holding ``zero_shot/`` (the pre-trained CLIP it starts from),
+    ``sparse/`` ends up holding ``zero_shot/`` (the pre-trained CLIP it starts from, unless
+    one is given),
     ``sparse_soup/`` (the sparse soup at the highest sparsity: a ``CLIPModel`` folder with its
     ``pruning_mask.safetensors``, ``soup.json`` and model card), ``sparse_soup_copies/`` (the
     last round's copies it is made from), ``sparse_results.json`` and ``sparse_results.md``.
@@ -227,13 +137,16 @@ def run_sparse_demo(
     Args:
         out_dir: the demo's output folder; only its ``sparse/`` is written (refused if it
             exists, unless ``overwrite``).
-        fast: the small pre-training and a shorter schedule.
+        fast: the small pre-training (the demo's ``--fast`` model).
         pretrain: pre-training size (default: ``"fast"`` or ``"default"`` after ``fast``).
+        progress: progress bars for pre-training and for the stage's models.
         pretrain_steps: stop pre-training after this many steps (for tests).
-        config: the sparse schedule (default: from ``fast``).
+        config: the sparse schedule (default: :class:`SparseConfig`'s).
+        zero_shot: a pre-trained demo CLIP folder to start from instead of pre-training one
+            (the full demo's ``demo_output/zero_shot``; read only).
     """
     size = "fast" if fast else "default"
-    config = config or SPARSE_SIZES[size]
+    config = config or SparseConfig()
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -247,25 +160,34 @@ def run_sparse_demo(
     accelerator = Accelerator(cpu=True)
     with (
         one_thread(),
-        atomic_output_dir(target, overwrite=overwrite) as work,
+        atomic_output_dir(
+            target, overwrite=overwrite, inputs=[zero_shot] if zero_shot else []
+        ) as work,
         quiet_transformers(),
         tempfile.TemporaryDirectory(prefix="hf-soups-sparse-") as scratch,
     ):
         data = load_demo_data(seed)
-        zero_shot = pretrain_zero_shot(
-            work / "zero_shot",
-            data,
-            pretrain or size,
-            seed,
-            max_steps=pretrain_steps,
-            progress=progress,
-        )
-        lap("pre-training")
+        if zero_shot is None:
+            zero_shot = pretrain_zero_shot(
+                work / "zero_shot",
+                data,
+                pretrain or size,
+                seed,
+                max_steps=pretrain_steps,
+                progress=progress,
+            )
+            lap("pre-training")
+        zero_shot = Path(zero_shot)
         stage = _SparseStage(data, zero_shot, config, seed, Path(scratch), accelerator)
-        with deterministic(seed):
+        rows = 2 + len(config.sparsities) * (1 + len(config.soups))
+        with (
+            deterministic(seed),
+            tqdm(total=rows, desc="sparse stage", disable=not progress) as bar,
+        ):
+            stage.on_row = bar.update
             dense = stage.dense()
             lap("dense fine-tuning")
-            rule = config.soups[-1]
+            rule = config.dense_soup
             stage.rounds(f"dense soup ({rule})", dense, [0.0], config.copies, rule)
             lap("dense soup")
             stage.rounds("IMP", dense, config.sparsities, 1, "uniform")
@@ -283,6 +205,7 @@ def run_sparse_demo(
                 lap(f"sparse soup ({rule})")
         saved = stage.save_soup(copies_dir, work / SPARSE_SOUP_FOLDER, target)
         lap("saving")
+        seconds["total"] = round(sum(seconds.values()), 1)
         results = SparseResults(stage.rows, config, seconds, saved, stage.records)
         (work / SPARSE_JSON).write_text(json.dumps(results.to_dict(), indent=2) + "\n")
         (work / SPARSE_MD).write_text(results.markdown())
@@ -316,6 +239,7 @@ class _SparseStage:
         self.rows: list[SparseRow] = []
         self.records: dict[str, list[dict]] = {}
         self.last_soup: tuple[str, list[int]] | None = None
+        self.on_row: Callable[[], object] = lambda: None
 
     def validation_accuracy(self, model: ImageSideFineTuning) -> float:
         return self.validation.evaluate(model.scorer).score
@@ -333,6 +257,7 @@ class _SparseStage:
             },
         )
         self.rows.append(row)
+        self.on_row()
         logger.info("%s: sparsity %.3f, test %.4f", name, row.sparsity, row.results["test"].score)
         return row
 
