@@ -367,7 +367,7 @@ class _SparseStage:
             retraining={
                 "epochs": config.retrain_epochs,
                 "learning_rate": config.retrain_learning_rate,
-                "max_steps": config.max_steps,
+                **({"max_steps": config.max_steps} if config.max_steps > 0 else {}),
             },
             rounds=[
                 {"sparsity": r["sparsity"], "kept": r["kept"], "copy_scores": r["copy_scores"]}
