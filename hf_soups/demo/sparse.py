@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -284,7 +284,7 @@ class _SparseStage:
         self,
         kind: str,
         start: ImageSideFineTuning,
-        sparsities,
+        sparsities: Sequence[float],
         copies: int,
         rule: str,
         *,
