@@ -305,6 +305,7 @@ class SoupBuilder:
             as_scorer(evaluator, metric),
             lambda template, state: load_model(template, state, task=self.task),
             rule,
+            intersect_masks=self.mask is not None and self.mask_rule == "intersection",
         )
         check_agreement([i.name for i in result.kept], "the greedy soup's kept ingredients")
         n = len(result.kept)

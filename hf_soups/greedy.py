@@ -18,6 +18,7 @@ from torch import nn
 
 from hf_soups.ingredients import Ingredient
 from hf_soups.merged_tensors import complete_state_dict, float_state
+from hf_soups.pruning.mask_file import read_mask_file
 from hf_soups.recipe.schema import GreedyStep
 from hf_soups.stats import gain_is_significant
 
@@ -82,8 +83,14 @@ def greedy_pass(
     scorer: Scorer,
     build_model: Callable[[Ingredient, dict[str, torch.Tensor]], nn.Module],
     rule: AcceptanceRule,
+    *,
+    intersect_masks: bool = False,
 ) -> GreedyResult:
-    """Run the greedy pass over ``ingredients`` already scored alone (``individual``)."""
+    """Run the greedy pass over ``ingredients`` already scored alone (``individual``).
+
+    ``intersect_masks``: pruned ingredients souped with ``masks="intersection"``; each trial
+    soup is masked by the intersection of its ingredients' masks, as the soup it would become
+    is (ingredients sharing one mask need nothing: their average keeps its zeros)."""
     sign = 1.0 if rule.maximize else -1.0
     order = sorted(ingredients, key=lambda i: -sign * individual[i.name])
     best = order[0]
@@ -92,6 +99,7 @@ def greedy_pass(
     best_score = individual[best.name]
     best_result = individual_results.get(best.name)
     trace = [GreedyStep(best.name, best_score, best_score, True, "best individual")]
+    kept_mask = read_mask_file(best.path) if intersect_masks else None
     for candidate in order[1:]:
         own = individual[candidate.name]
         if rule.max_size is not None and len(kept) >= rule.max_size:
@@ -100,6 +108,11 @@ def greedy_pass(
         candidate_tensors = float_state(candidate)
         k = len(kept) + 1
         soup_state = {name: (running_sum[name] + t) / k for name, t in candidate_tensors.items()}
+        trial_mask = None
+        if intersect_masks:
+            trial_mask = _intersection(kept_mask, read_mask_file(candidate.path))
+            for name, mask in (trial_mask or {}).items():
+                soup_state[name] = torch.where(mask, soup_state[name], 0.0)
         model = build_model(best, complete_state_dict(soup_state, best))
         score, result = scorer(model, f"greedy soup + {candidate.name}")
         gain = rule.gain(score, best_score)
@@ -124,6 +137,7 @@ def greedy_pass(
         )
         if accepted:
             kept.append(candidate)
+            kept_mask = trial_mask
             best_score, best_result = score, result
             for name, tensor in candidate_tensors.items():
                 running_sum[name] += tensor
@@ -136,3 +150,13 @@ def greedy_pass(
             best.name,
         )
     return GreedyResult(kept, order, best_score, best_result, trace)
+
+
+def _intersection(a: dict | None, b: dict | None) -> dict | None:
+    """Masks keeping what both keep; a tensor (or model) without a mask counts as dense."""
+    if a is None or b is None:
+        return a if b is None else b
+    return {
+        name: a[name] & b[name] if name in a and name in b else a.get(name, b.get(name))
+        for name in a.keys() | b.keys()
+    }

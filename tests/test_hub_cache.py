@@ -218,3 +218,71 @@ def test_merge_of_hub_ingredients_records_their_commits(hub, tmp_path):
     ]
     # The output holds files, not symlinks into the cache.
     assert not any(path.is_symlink() for path in out.iterdir())
+
+
+def _pruned_vit(tmp_path, name, seed, mask_seed):
+    """A tiny ViT pruned to 60% with the magnitude mask of the ViT of ``mask_seed``."""
+    from transformers import ViTForImageClassification
+
+    from hf_soups.pruning import Magnitude, prune, save_pruned
+
+    reference = ViTForImageClassification.from_pretrained(
+        make_vit_folder(tmp_path / f"{name}-ref", seed=mask_seed)
+    )
+    masks = prune(reference, Magnitude(), 0.6)
+    model = ViTForImageClassification.from_pretrained(
+        make_vit_folder(tmp_path / f"{name}-dense", seed=seed)
+    )
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for parameter_name, mask in masks.items():
+            parameters[parameter_name].mul_(mask)
+    return save_pruned(model, masks, tmp_path / name)
+
+
+def test_pruning_masks_come_with_hub_ingredients_and_are_souped(tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_soups.builder import SoupBuilder
+    from hf_soups.pruning import MASK_FILE
+
+    cache = tmp_path / "hub"
+    folders = [_pruned_vit(tmp_path, f"ft{seed}", seed, mask_seed=0) for seed in (1, 2)]
+    for folder in folders:
+        # The listing names every file, so offline resolution checks each one it asks for.
+        cache_repo(cache, f"org/{folder.name}", MAIN, sorted(folder.iterdir()), listed=[MASK_FILE])
+    builder = SoupBuilder.from_hub(["org/ft1", "org/ft2"], cache_dir=cache)
+    assert all((i.path / MASK_FILE).is_file() for i in builder.ingredients)
+    out = builder.uniform().save_pretrained(tmp_path / "soup", progress=False)
+    mask = load_file(folders[0] / MASK_FILE)
+    written = load_file(out / "model.safetensors")
+    assert load_file(out / MASK_FILE).keys() == mask.keys()
+    for name, kept in mask.items():
+        assert bool((written[name][~kept] == 0).all())
+    assert json.loads((out / "soup.json").read_text())["soup"]["pruning"]["masks"] == "shared"
+
+
+def test_a_hub_mask_is_asked_for_by_its_exact_name(tmp_path):
+    # Offline, a snapshot must hold every listed file the patterns match. The mask is asked for:
+    # a listed mask missing from the cache makes the snapshot incomplete...
+    from hf_soups.pruning import MASK_FILE
+
+    cache = tmp_path / "hub"
+    pruned = _pruned_vit(tmp_path, "pruned", 1, mask_seed=0)
+    weights_only = [f for f in sorted(pruned.iterdir()) if f.name != MASK_FILE]
+    cache_repo(cache, "org/lost-mask", MAIN, weights_only, listed=[MASK_FILE])
+    with pytest.raises(IngredientNotFoundError, match=f"org/lost-mask: incomplete.*{MASK_FILE}"):
+        Ingredient.from_source("org/lost-mask", cache_dir=cache)
+    # ...but by name only: other safetensors the repo lists (another format's weights) are not,
+    # and a repository without a mask resolves as before.
+    dense = make_vit_folder(tmp_path / "dense", seed=0)
+    cache_repo(
+        cache,
+        "org/dense",
+        MAIN,
+        sorted(dense.iterdir()),
+        listed=["open_clip_model.safetensors", "flax_model.safetensors", "README.md"],
+    )
+    ingredient = Ingredient.from_source("org/dense", cache_dir=cache)
+    _same_weights(ingredient, dense)
+    assert not (ingredient.path / MASK_FILE).exists()

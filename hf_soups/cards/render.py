@@ -17,6 +17,7 @@ import hf_soups.cards.scores as score_views
 import hf_soups.cards.tables as tables
 from hf_soups.cards.family import architecture, family_metadata
 from hf_soups.cards.metadata import CARD_FILE, card_data
+from hf_soups.cards.sparsity import sparsity_section
 from hf_soups.cards.text import citations_of, method_text, reproduce, summary
 from hf_soups.output import final_name, final_path
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe
@@ -129,6 +130,7 @@ def render_card(
         context["trace"] = tables.trace_rows(public, metric)
         context["held_out"] = public.soup.held_out if public.soup else None
         context["trace_metric"] = (public.soup.metric if public.soup else None) or metric
+        context["sparsity"] = sparsity_section(folder, public)
     return ModelCard(template.render(**context))
 
 

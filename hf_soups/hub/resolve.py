@@ -116,11 +116,15 @@ def resolve_source(
 
 def _weight_patterns(folder: Path, weights_format: str | None, pickles: bool) -> list[str]:
     """What to fetch of a repo whose config files are in `folder`: small files plus the weights
-    of its family (and its pickles too, when `pickles`)."""
+    of its family (and its pickles too, when `pickles`), and a pruned model's mask file.
+
+    The mask is named exactly, not by a glob: offline, a cached snapshot must hold every listed
+    file the patterns match, so a wider pattern would ask for the other format's weights."""
     from hf_soups.models.families import CheckpointFiles, family_of
+    from hf_soups.pruning.mask_file import MASK_FILE
 
     family = family_of(CheckpointFiles.read(folder), weights_format)
     if family is None:  # no config: weights of any name, as the folder is read
         return SAFE_PATTERNS + (PICKLE_PATTERNS if pickles else [])
     pickle_files = family.pickle_files if pickles else ()
-    return [*SMALL_FILE_PATTERNS, *family.weight_patterns(), *pickle_files]
+    return [*SMALL_FILE_PATTERNS, *family.weight_patterns(), MASK_FILE, *pickle_files]

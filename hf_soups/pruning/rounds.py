@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from hf_soups.pruning.magnitude import Magnitude
 from hf_soups.pruning.masks import density_of
@@ -90,6 +90,7 @@ def sparse_soup_rounds(
     include_heads: bool = False,
     masks: Mapping[str, torch.Tensor] | None = None,
     on_round: Callable[[SparseSoupRound, nn.Module], None] | None = None,
+    on_copy: Callable[[int, int, nn.Module, Mapping[str, torch.Tensor]], None] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> SparseSoupResult:
     """Run the Sparse Model Soups loop on ``model`` (changed in place: it ends as the last soup).
@@ -108,6 +109,8 @@ def sparse_soup_rounds(
         scope: magnitude pruning ``"global"`` or per ``"layer"``.
         masks: masks the model already has (they stay pruned).
         on_round: called with each round's record and the soup (to evaluate it, save it...).
+        on_copy: called with the round's index, the copy's number, the retrained copy and the
+            round's masks, before the round's soup (to save the copies a soup is made of).
         trainer_kwargs: more ``Trainer`` arguments (``data_collator``, ``processing_class``...).
     """
     # The callback module imports this package: imported here, when both are loaded.
@@ -142,14 +145,19 @@ def sparse_soup_rounds(
                 masks=current,
                 include_heads=include_heads,
             )
-            Trainer(
+            trainer = Trainer(
                 model=member,
                 args=member_args,
                 train_dataset=train_dataset,
                 callbacks=[keep_mask],
                 **(trainer_kwargs or {}),
-            ).train()
+            )
+            # One log line per round (below); the Trainer would print a dict per copy.
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
             trained.append(member.eval())
+            if on_copy is not None:
+                on_copy(index, number, member, current)
         if soup == "greedy":
             kept, copy_scores, soup_score = _greedy(trained, score)
         else:

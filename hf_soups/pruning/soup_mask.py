@@ -13,13 +13,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from hf_soups.errors import CorruptedCheckpointError, IncompatibleIngredientsError
 from hf_soups.pruning.mask_file import MASK_FILE, read_mask_file
+from hf_soups.recipe.schema import PruningRecord
 
 if TYPE_CHECKING:
     from hf_soups.ingredients import Ingredient
@@ -45,16 +46,16 @@ class SoupMask:
         total = sum(mask.numel() for mask in self.masks.values())
         return 1.0 - sum(int(mask.sum()) for mask in self.masks.values()) / total
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> PruningRecord:
         """What the soup's recipe records (``SoupRecord.pruning``)."""
-        return {
-            "masks": self.rule,
-            "mask_file": MASK_FILE,
-            "sparsity": self.sparsity,
-            "sparsity_by_tensor": {
+        return PruningRecord(
+            masks=self.rule,
+            mask_file=MASK_FILE,
+            sparsity=self.sparsity,
+            sparsity_by_tensor={
                 name: 1.0 - int(mask.sum()) / mask.numel() for name, mask in self.masks.items()
             },
-        }
+        )
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Write the mask file into ``folder`` (the soup's output folder being built)."""

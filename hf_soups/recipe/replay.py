@@ -61,5 +61,5 @@ def replay(
         overwrite=overwrite,
         recipe=recipe,
         progress=progress,
-        mask=soup_mask(ingredients, pruning["masks"]) if pruning else None,
+        mask=soup_mask(ingredients, pruning.masks) if pruning else None,
     )

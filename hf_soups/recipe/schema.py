@@ -28,6 +28,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "GreedyStep",
     "PatchRecord",
+    "PruningRecipe",
+    "PruningRecord",
     "Recipe",
     "Score",
     "SoupRecord",
@@ -114,6 +116,35 @@ class GreedyStep:
 
 
 @dataclass
+class PruningRecipe:
+    """How pruned ingredients were made, as the code that pruned them records it (the demo's
+    Sparse Model Soups loop does): the scorer, the sparsity of each round and its retraining."""
+
+    scorer: str
+    sparsities: list[float]
+    scope: str | None = None
+    method: str | None = None
+    copies_per_round: int | None = None
+    soup: str | None = None
+    """The soup rule of each round (``uniform`` or ``greedy``)."""
+    retraining: dict[str, Any] | None = None
+    rounds: list[dict[str, Any]] | None = None
+    """Per round: its sparsity, the copies kept in its soup and their held-out scores."""
+
+
+@dataclass
+class PruningRecord:
+    """A sparse soup's mask (:meth:`hf_soups.pruning.SoupMask.to_record`): its rule, file and
+    sparsity (overall and per tensor), and how the ingredients were pruned, when known."""
+
+    masks: str
+    mask_file: str
+    sparsity: float
+    sparsity_by_tensor: dict[str, float]
+    recipe: PruningRecipe | None = None
+
+
+@dataclass
 class SoupRecord:
     """How a soup's merge was chosen: the soup recipe (uniform, greedy, learned, ...) and what
     its choice rested on. The merge it led to is the recipe's ``method`` and ``parameters``."""
@@ -131,8 +162,8 @@ class SoupRecord:
     candidates: list[Source] | None = None
     greedy_trace: list[GreedyStep] | None = None
     coefficients: dict[str, Any] | None = None
-    pruning: dict[str, Any] | None = None
-    """A sparse soup's mask: its rule (``masks``), file and sparsity (overall, per tensor)."""
+    pruning: PruningRecord | None = None
+    """A sparse soup's mask and how its ingredients were pruned."""
 
     @property
     def display_name(self) -> str:
