@@ -24,12 +24,16 @@ from hf_soups.checkpoint_files import copy_extra_files
 from hf_soups.errors import IncompatibleIngredientsError, RecipeError
 from hf_soups.ingredients import Ingredient, TensorInfo, check_compatible
 from hf_soups.merged_tensors import cast_dtype, merged_tensors, ordered_names
-from hf_soups.methods.base import MergeMethod, WeightedAverage, check_method_inputs
+from hf_soups.methods.base import (
+    MergeMethod,
+    ReusedBuffer,
+    WeightedAverage,
+    check_method_inputs,
+)
 from hf_soups.output import atomic_output_dir
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
 from hf_soups.safetensors_writer import SafetensorsWriter, plan_safetensors
 from hf_soups.threads import one_thread
-from hf_soups.write_behind import WriteBehind
 
 if TYPE_CHECKING:
     from hf_soups.pruning.soup_mask import SoupMask
@@ -144,11 +148,6 @@ def _planned(
     }
 
 
-def _largest_float_numel(template: Ingredient, names: Sequence[str]) -> int:
-    infos = [template.tensors[name] for name in names]
-    return max((info.numel for info in infos if info.dtype.is_floating_point), default=0)
-
-
 def merge(
     ingredients: Sequence[IngredientLike],
     out_dir: str | os.PathLike,
@@ -210,18 +209,17 @@ def merge(
         ) as bar,
     ):
         # Every file's header is planned before any tensor is computed; each merged tensor is
-        # then written to its place while the next one is computed, so only the tensors in
-        # flight are in memory.
+        # then computed into one reused buffer and written to its place at once, so only the
+        # tensor in flight is in memory. (Writing in a second thread meanwhile did not pay on
+        # the 2-core machine: benchmarks/README.md.)
         layouts = [
             (file_name, names, plan_safetensors(_planned(template, names, dtype), SAVE_METADATA))
             for file_name, names in shards
         ]
+        accumulator = ReusedBuffer()
         with one_thread():
             for file_name, names, layout in layouts:
-                with (
-                    SafetensorsWriter(work_dir / file_name, layout) as writer,
-                    WriteBehind(writer, _largest_float_numel(template, names)) as writes,
-                ):
+                with SafetensorsWriter(work_dir / file_name, layout) as writer:
                     for name, tensor in merged_tensors(
                         ingredients,
                         method,
@@ -230,9 +228,9 @@ def merge(
                         dtype=dtype,
                         allow_non_finite=allow_non_finite,
                         mask=mask,
-                        memory=writes.buffer,
+                        memory=accumulator,
                     ):
-                        writes.write(name, tensor)
+                        writer.write(name, tensor)
                         bar.update()
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

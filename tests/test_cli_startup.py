@@ -2,7 +2,7 @@
 safetensors folders needs neither transformers nor open_clip.
 
 Each case runs in a fresh interpreter (a test process has long imported everything) through a
-small runner that calls the command line as ``python -m hf_soups.cli`` does, then prints which
+small runner that calls the command line's ``main`` with the arguments, then prints which
 of the heavy modules ended up in ``sys.modules``.
 """
 
@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,15 +37,13 @@ HEAVY = [
 ]
 
 RUNNER = """
-import json, runpy, sys
+import json, sys
 watched = json.loads(sys.argv[2])
-sys.argv = ["hf-soups", *json.loads(sys.argv[1])]
+from hf_soups.cli import main
 try:
-    runpy.run_module("hf_soups.cli", run_name="__main__")
+    code = main(json.loads(sys.argv[1]))
 except SystemExit as done:
     code = done.code
-else:
-    code = 0
 heavy = [name for name in watched if name in sys.modules]
 print(json.dumps({"code": code, "imported": heavy}), file=sys.__stderr__)
 """
@@ -120,3 +119,27 @@ def test_the_static_lists_of_the_parser_match_the_library():
     # The parser lists methods and dtypes without importing torch; they must not drift.
     assert sorted(MERGE_METHODS) == sorted(BY_NAME)
     assert all(getattr(torch, name).is_floating_point for name in DTYPES)
+
+
+def test_the_installed_command_exits_with_mains_code_and_flushed_output(tmp_path):
+    # hf-soups leaves through os._exit (no interpreter teardown): what it printed to a pipe
+    # and logged must still arrive, and its exit code be main's.
+    from tiny import make_vit_folder
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = str(Path(sys.executable).with_name("hf-soups"))
+    missing = tmp_path / "missing"
+    done = subprocess.run([command, "card", str(missing)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"hf-soups card: error: {missing}: no such file or folder"
+    folders = [str(make_vit_folder(tmp_path / f"m{i}", seed=i)) for i in range(2)]
+    out = tmp_path / "soup"
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_soups.cli", "merge", *folders, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"Merged 2 checkpoints into {out} (1 safetensors file(s))"
+    assert f"INFO hf_soups.merge: Merged 2 ingredients into {out}" in done.stderr

@@ -24,6 +24,7 @@ from hf_soups.errors import RecipeError
 from hf_soups.ingredients import Ingredient
 from hf_soups.merge import build_recipe, merge, weighted_state_dict
 from hf_soups.methods import WeightedAverage
+from hf_soups.methods.base import ReusedBuffer
 from hf_soups.recipe import Score, SoupRecord
 
 
@@ -333,3 +334,34 @@ def test_differing_integer_buffers_are_copied_with_one_warning(tmp_path, caplog)
     assert len(warnings) == 1
     assert warnings[0].startswith("5 integer buffer(s) ('bn0.num_batches_tracked'")
     assert "in1" in warnings[0] and "'ids'" not in warnings[0]
+
+
+def test_reused_buffer_hands_out_one_memory_and_grows_for_a_larger_tensor():
+    buffer = ReusedBuffer()
+    first = buffer(torch.Size([2, 3]))
+    second = buffer(torch.Size([5]))
+    assert first.shape == (2, 3) and second.shape == (5,) and second.dtype == torch.float32
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    larger = buffer(torch.Size([4, 4]))
+    assert larger.numel() == 16 and larger.is_contiguous()
+    assert (
+        buffer(torch.Size([3])).untyped_storage().data_ptr() == larger.untyped_storage().data_ptr()
+    )
+
+
+def test_a_streamed_merge_computes_into_reused_memory(tmp_path, monkeypatch):
+    # Each merged tensor's first read goes into the engine's buffer, not into fresh memory:
+    # the files still equal the plain average.
+    folders = [make_clip_folder(tmp_path / f"m{seed}", seed=seed) for seed in range(3)]
+    fresh_reads = []
+    original = Ingredient.read
+
+    def read(self, name, out=None):
+        if out is None and self.tensors[name].dtype.is_floating_point:
+            fresh_reads.append(name)
+        return original(self, name, out)
+
+    monkeypatch.setattr(Ingredient, "read", read)
+    out = merge(folders, tmp_path / "soup", progress=False)
+    assert fresh_reads == []
+    assert_matches_reference(load_weights(out), weighted_reference(folders, [1 / 3] * 3))
