@@ -8,6 +8,7 @@ model: each output tensor is computed from loaders that read one ingredient's te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -212,26 +213,24 @@ def merge(
         # then computed into one reused buffer and written to its place at once, so only the
         # tensor in flight is in memory. (Writing in a second thread meanwhile did not pay on
         # the 2-core machine: benchmarks/README.md.)
-        layouts = [
-            (file_name, names, plan_safetensors(_planned(template, names, dtype), SAVE_METADATA))
-            for file_name, names in shards
-        ]
-        accumulator = ReusedBuffer()
-        with one_thread():
-            for file_name, names, layout in layouts:
-                with SafetensorsWriter(work_dir / file_name, layout) as writer:
-                    for name, tensor in merged_tensors(
-                        ingredients,
-                        method,
-                        names,
-                        base=base,
-                        dtype=dtype,
-                        allow_non_finite=allow_non_finite,
-                        mask=mask,
-                        memory=accumulator,
-                    ):
-                        writer.write(name, tensor)
-                        bar.update()
+        with one_thread(), contextlib.ExitStack() as files:
+            writer_of = {}
+            for file_name, names in shards:
+                layout = plan_safetensors(_planned(template, names, dtype), SAVE_METADATA)
+                writer = files.enter_context(SafetensorsWriter(work_dir / file_name, layout))
+                writer_of.update(dict.fromkeys(names, writer))
+            for name, tensor in merged_tensors(
+                ingredients,
+                method,
+                ordered_names(template),
+                base=base,
+                dtype=dtype,
+                allow_non_finite=allow_non_finite,
+                mask=mask,
+                memory=ReusedBuffer(),
+            ):
+                writer_of[name].write(name, tensor)
+                bar.update()
         for index_name, index in indexes.items():
             (work_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copy_extra_files(template.path, work_dir, exclude=template.foreign_files)

@@ -334,6 +334,12 @@ def test_differing_integer_buffers_are_copied_with_one_warning(tmp_path, caplog)
     assert len(warnings) == 1
     assert warnings[0].startswith("5 integer buffer(s) ('bn0.num_batches_tracked'")
     assert "in1" in warnings[0] and "'ids'" not in warnings[0]
+    # Still once when the output is sharded (the buffers spread over several files).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        out = merge(folders, tmp_path / "sharded", max_shard_size=16, progress=False)
+    assert len(list(out.glob("model-*.safetensors"))) >= 3
+    assert len([r for r in caplog.records if "integer buffer" in r.getMessage()]) == 1
 
 
 def test_reused_buffer_hands_out_one_memory_and_grows_for_a_larger_tensor():
