@@ -17,7 +17,8 @@ Masks = dict[str, torch.Tensor]
 
 
 def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The loss a transformers-style model returns for a batch (``model(**batch)["loss"]``)."""
+    """The loss a transformers-style model returns for a batch (``model(**batch)["loss"]``;
+    a ``CLIPModel`` returns one only when the batch holds ``return_loss=True``)."""
     output = model(**batch) if isinstance(batch, Mapping) else model(batch)
     return output["loss"]
 

@@ -195,7 +195,11 @@ def save_reduced(
     overwrite: bool = False,
 ) -> Path:
     """``save_pretrained`` the reduced model with ``reduction.json`` (its recipe) beside it;
-    the folder loads with plain ``from_pretrained``."""
+    the folder loads with plain ``from_pretrained``.
+
+    ``result`` is what :func:`reduce_and_retrain` returns; the narrowed model of a single
+    :func:`~hf_soups.pruning.reduction.reduce_mlp` step saves with its own ``save_pretrained``.
+    """
     with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
         result.model.save_pretrained(work_dir)
         if processing_class is not None:
