@@ -32,7 +32,7 @@ from hf_soups.methods.base import (
     check_method_inputs,
 )
 from hf_soups.output import atomic_output_dir
-from hf_soups.recipe.schema import RECIPE_FILE, Recipe  # noqa: F401 - re-exported
+from hf_soups.recipe.schema import RECIPE_FILE, Recipe, SoupRecord  # noqa: F401 - re-exported
 from hf_soups.safetensors_writer import SafetensorsWriter, plan_safetensors
 from hf_soups.threads import one_thread
 
@@ -239,7 +239,9 @@ def merge(
         if mask is not None:
             mask.write(work_dir)
         if recipe is None:
-            recipe = build_recipe(ingredients, method, base, dtype)
+            # A masked merge records its mask, so that the recipe replays it.
+            pruning = SoupRecord(method.name, pruning=mask.to_record()) if mask else None
+            recipe = build_recipe(ingredients, method, base, dtype, soup=pruning)
         else:
             _check_describes(recipe, method, dtype)
         recipe.save(work_dir)

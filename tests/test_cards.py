@@ -780,3 +780,18 @@ def test_a_license_that_is_no_hub_id_is_refused_and_nothing_changes(tmp_path, li
 def test_card_command_on_a_missing_folder_says_so(tmp_path, capsys):
     assert main(["card", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip().endswith("nowhere: no such file or folder")
+
+
+def test_the_rebuild_command_writes_to_the_folder_name_not_the_title(tmp_path):
+    recipe = {
+        "method": "weighted_average",
+        "parameters": {"weights": [0.5, 0.5]},
+        "ingredients": [
+            {"source": "org/a", "revision": None},
+            {"source": "org/b", "revision": None},
+        ],
+    }
+    folder = write_folder(tmp_path, recipe)
+    text = write_card(folder, model_name="My soup, v2").read_text()
+    assert "# My soup, v2" in text
+    assert "--out my-soup" in text and "--out 'My soup" not in text

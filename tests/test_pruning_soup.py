@@ -135,3 +135,34 @@ def test_some_ingredients_without_a_mask_need_the_intersection(tmp_path):
     mask = load_file(pruned / MASK_FILE)
     state = soup.state_dict()
     assert all(bool((state[n][~m] == 0).all()) for n, m in mask.items())
+
+
+def test_the_merge_command_keeps_a_shared_mask_refuses_differing_ones_and_intersects(
+    tmp_path, capsys
+):
+    from hf_soups.cli import main
+
+    shared = _pruned_folders(tmp_path / "shared", [1, 2], [0, 0])
+    assert main(["-q", "merge", *map(str, shared), "--out", str(tmp_path / "soup")]) == 0
+    mask = load_file(shared[0] / MASK_FILE)
+    written = _stored(tmp_path / "soup")
+    assert all(torch.equal(load_file(tmp_path / "soup" / MASK_FILE)[n], mask[n]) for n in mask)
+    assert all(bool((written[n][~mask[n]] == 0).all()) for n in mask)
+
+    differing = _pruned_folders(tmp_path / "differing", [1, 2], [0, 5])
+    args = ["-q", "merge", *map(str, differing)]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "intersection" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "intersected"
+    assert main([*args, "--masks", "intersection", "--out", str(out)]) == 0
+    a, b = (load_file(f / MASK_FILE) for f in differing)
+    weights = [_stored(f) for f in differing]
+    written = _stored(out)
+    for name in a:
+        expected = (weights[0][name] + weights[1][name]) / 2 * (a[name] & b[name])
+        torch.testing.assert_close(written[name], expected, rtol=1e-6, atol=1e-7)
+    # The recipe replays the mask, and the card's command names the rule.
+    replayed = _stored(replay(out, tmp_path / "replayed", progress=False))
+    assert all(torch.equal(replayed[n], written[n]) for n in written)
+    assert "--masks intersection" in (out / "README.md").read_text()

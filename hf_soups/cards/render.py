@@ -110,7 +110,7 @@ def render_card(
         "comparisons": [str(c["verdict"]) for c in public.comparisons if c.get("verdict")],
         "plots": _plots(folder, public),
         "recipe_json": json.dumps(public.to_dict(), indent=2, ensure_ascii=False),
-        "reproduce": reproduce(public, title),
+        "reproduce": reproduce(public, final_name(folder)),
         "citations": [
             {"bibtex": paper.lstrip().startswith("@"), "text": paper}
             for paper in citations_of(public)

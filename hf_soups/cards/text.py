@@ -158,7 +158,10 @@ def reproduce(recipe: Recipe, out: str) -> dict:
     weights = recipe.parameters.get("weights")
     if recipe.method == "weighted_average" and isinstance(weights, list) and recipe.base is None:
         listed = ",".join(repr(float(w)) for w in weights)
-        command = ["hf-soups", "merge", *words, "--weights", listed, *dtype, "--out", out]
+        pruning = recipe.soup.pruning if recipe.soup is not None else None
+        # The command line keeps the ingredients' shared mask by default.
+        masks = ["--masks", pruning.masks] if pruning and pruning.masks != "shared" else []
+        command = ["hf-soups", "merge", *words, "--weights", listed, *masks, *dtype, "--out", out]
         return {"language": "bash", "code": shlex.join(command), "note": note}
     code = f"from hf_soups.recipe import replay\n\nreplay({'soup.json'!r}, {out!r})"
     return {"language": "python", "code": code, "note": note}

@@ -106,6 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a parameter of --method, repeatable (density=0.2, scaling=1.0, seed=0, ...)",
     )
+    parser.add_argument(
+        "--masks",
+        choices=["shared", "intersection"],
+        default="shared",
+        help="pruned SOURCEs (pruning_mask.safetensors): keep their common mask (shared, the "
+        "default: differing masks are an error) or the weights all of them keep (intersection)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="shard size limit (default 5GB)")
     parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
     from hf_soups.merge import as_ingredients, merge
     from hf_soups.methods import METHODS, get_method
     from hf_soups.output import check_output_dir
+    from hf_soups.pruning.soup_mask import soup_mask
 
     method = None
     if args.method is not None:
@@ -157,6 +165,7 @@ def run(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         allow_non_finite=args.allow_non_finite,
         progress=not args.quiet,
+        mask=soup_mask(ingredients, args.masks),
     )
     n_files = len(list(out.glob("*.safetensors")))
     print(f"Merged {len(ingredients)} checkpoints into {out} ({n_files} safetensors file(s))")
