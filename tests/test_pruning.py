@@ -223,3 +223,22 @@ def test_mask_file_is_keyed_by_the_stored_tensor_names(tmp_path):
     ingredient = Ingredient.from_source(str(tmp_path / "pruned"))
     assert set(ingredient.tensors) == set(stored)  # the mask file is not read as weights
     assert (tmp_path / "pruned" / MASK_FILE).is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_save_pruned_of_a_half_precision_model_round_trips(tmp_path, dtype):
+    # Stored names are read off a save with marker values: they must stay distinct in bf16.
+    model = ViTForImageClassification.from_pretrained(
+        make_vit_folder(tmp_path / "vit", seed=0), dtype=dtype
+    )
+    masks = prune(model, Magnitude(), 0.5)
+    folder = save_pruned(model, masks, tmp_path / "pruned")
+    stored = load_file(folder / "model.safetensors")
+    mask_file = load_file(folder / MASK_FILE)
+    assert len(mask_file) == len(masks)
+    for name, kept in mask_file.items():
+        assert stored[name].dtype == dtype and bool((stored[name][~kept] == 0).all())
+    # The saved weights are the model's, restored after the markers.
+    reloaded = ViTForImageClassification.from_pretrained(folder, dtype=dtype)
+    for (name, expected), got in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(expected, got), name

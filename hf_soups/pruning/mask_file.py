@@ -23,23 +23,42 @@ from hf_soups.output import atomic_output_dir
 from hf_soups.pruning.targets import prunable_parameters
 
 MASK_FILE = "pruning_mask.safetensors"
-# Marker values are far from what trained or initialised weights hold constant (0 or 1).
-_MARKER_BASE = 1000.0
+
+
+def _markers(parameters: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, float]:
+    """One constant per parameter, distinct among parameters of one size: -2, -3, ... (negative
+    integers no initialisation fills a tensor with), small enough to be exact in the
+    parameter's dtype (bfloat16 tells integers apart only up to 256)."""
+    counts: dict[int, int] = {}
+    markers = {}
+    for name in names:
+        numel = parameters[name].numel()
+        counts[numel] = counts.get(numel, 0) + 1
+        marker = -1.0 - counts[numel]
+        dtype = parameters[name].dtype
+        if torch.tensor(marker, dtype=dtype).item() != marker:
+            raise HfSoupsError(
+                f"{name}: too many parameters of {numel} elements to tell apart in {dtype}; "
+                "find the stored names from a float32 copy of the model"
+            )
+        markers[name] = marker
+    return markers
 
 
 def disk_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     """In-memory parameter name -> the name ``save_pretrained`` stores it under.
 
-    Read off a real save: each named parameter is filled with its own constant marker, the
-    model saved to a temporary folder and each stored tensor names the marker it holds; the
-    parameters are restored afterwards. A model without ``save_pretrained`` is saved by the
-    Trainer under its ``state_dict`` names, returned as they are.
+    Read off a real save: each named parameter is filled with its own constant marker
+    (distinct among parameters of one size), the model saved to a temporary folder and each
+    stored tensor names the marker it holds; the parameters are restored afterwards. A model
+    without ``save_pretrained`` is saved by the Trainer under its ``state_dict`` names, returned
+    as they are.
     """
     if not callable(getattr(model, "save_pretrained", None)):
         return {name: name for name in names}
     parameters = dict(model.named_parameters())
     backup = {name: parameters[name].detach().clone() for name in names}
-    markers = {name: _MARKER_BASE + index for index, name in enumerate(names)}
+    markers = _markers(parameters, names)
     try:
         with torch.no_grad():
             for name in names:
@@ -57,9 +76,9 @@ def disk_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     for disk_name, tensor in stored.items():
         if tensor.is_floating_point() and tensor.numel() > 0:
             first = tensor.flatten()[0].item()
-            if first >= _MARKER_BASE and bool((tensor == first).all()):
-                by_marker[first] = disk_name
-    mapping = {name: by_marker.get(markers[name]) for name in names}
+            if first <= -2.0 and bool((tensor == first).all()):
+                by_marker[tensor.numel(), first] = disk_name
+    mapping = {name: by_marker.get((parameters[name].numel(), markers[name])) for name in names}
     lost = [name for name, disk_name in mapping.items() if disk_name is None]
     if lost:
         raise HfSoupsError(f"{type(model).__name__}: save_pretrained does not store {lost[0]!r}")
