@@ -24,3 +24,11 @@ PAINT = """@inproceedings{ilharco2022patching,
   year = {2022},
   note = {arXiv:2208.05592}
 }"""
+
+SPARSE_SOUPS = """@inproceedings{zimmer2024sparse,
+  title = {Sparse Model Soups: A Recipe for Improved Pruning via Model Averaging},
+  author = {Zimmer, Max and Spiegel, Christoph and Pokutta, Sebastian},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year = {2024},
+  note = {arXiv:2306.16788}
+}"""

@@ -81,8 +81,10 @@ def _recipe_text(recipe: PruningRecipe) -> str:
     text = "; ".join(parts) + "."
     kept = [r.get("kept") for r in recipe.rounds or []]
     if kept and all(isinstance(k, list) for k in kept):
-        text += " Copies kept per round: " + "; ".join(
-            f"round {i + 1}: {', '.join(map(str, k))}" for i, k in enumerate(kept)
+        # The copies are numbered from 0, as the copy folders are (copy-0, copy-1, ...).
+        text += " Copies kept in each round's soup: " + "; ".join(
+            f"round {i + 1}: {', '.join(f'copy-{c}' for c in k) or 'none'}"
+            for i, k in enumerate(kept)
         )
         text += "."
     return text

@@ -79,6 +79,9 @@ def citations_of(recipe: Recipe) -> list[str]:
         papers = [citations.SOUPS]
     else:
         papers = [recipe.citation]
+    pruning = recipe.soup.pruning if recipe.soup is not None else None
+    if pruning is not None and pruning.recipe is not None and pruning.recipe.copies_per_round:
+        papers.append(citations.SPARSE_SOUPS)
     return list(dict.fromkeys(paper for paper in papers if paper))
 
 
