@@ -81,8 +81,8 @@ def reduce_dense(stage: _SparseStage, dense: ImageSideFineTuning, out: Path) -> 
         loss_fn=loss_fn,
         text_length=stage.text_length,
     )
-    widths = result.intermediate_size_before["vision"], result.model.config.vision_config
-    name = f"reduced (vision MLP width {widths[0]} -> {widths[1].intermediate_size})"
+    before = result.intermediate_size_before["vision"]
+    name = f"reduced (vision MLP width {before} -> {result.model.config.vision_config.intermediate_size})"
     stage.add_row(name, REDUCED_KIND, 0.0, 1, fixed_head_model(stage, result.model, head))
     save_reduced(
         result,
