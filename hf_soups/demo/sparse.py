@@ -91,7 +91,7 @@ class ImageSideFineTuning(FixedHeadFineTuning):
         object.__setattr__(self, "model", fine_tuning.model)
 
 
-def training_arguments(
+def _arguments(
     work: Path, config: SparseConfig, *, epochs: float, learning_rate: float, seed: int
 ) -> TrainingArguments:
     return TrainingArguments(
@@ -245,7 +245,8 @@ class _SparseStage:
         self.task = ZeroShotTask(data.classnames, templates=data.templates, name="mnist")
         self.processor = CLIPProcessor.from_pretrained(zero_shot)
         prompts = [t.format(c) for c in data.classnames for t in data.templates]
-        # FLOPs count one image and one prompt, the longest (text tokens cost what they are).
+        # The table's FLOPs count one image and the longest class prompt, not the text
+        # config's max_position_embeddings (room the prompts do not use).
         self.text_length = self.processor.tokenizer(prompts, padding=True, return_tensors="pt")[
             "input_ids"
         ].shape[1]
@@ -267,7 +268,7 @@ class _SparseStage:
 
     def arguments(self, name: str, **settings) -> TrainingArguments:
         """The stage's training arguments for one run, writing under the scratch folder."""
-        return training_arguments(self.scratch / name, self.config, **settings)
+        return _arguments(self.scratch / name, self.config, **settings)
 
     def add_row(self, name: str, kind: str, target: float, copies: int, model) -> SparseRow:
         counts = model_counts(model.model, text_length=self.text_length)
