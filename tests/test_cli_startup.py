@@ -115,6 +115,21 @@ def test_merge_of_plain_safetensors_needs_neither_transformers_nor_open_clip(tmp
     assert_matches_reference(load_weights(out), weighted_reference(folders, [0.25, 0.75]))
 
 
+def test_card_of_a_vit_soup_counts_its_size_without_transformers(tmp_path):
+    # The card's parameter and FLOP counts come from config.json read as JSON.
+    from tiny import make_vit_folder
+
+    from hf_soups.merge import merge
+
+    folders = [str(make_vit_folder(tmp_path / f"m{i}", seed=i)) for i in range(2)]
+    out = merge(folders, tmp_path / "soup", progress=False)
+    (out / "README.md").unlink()
+    report, stdout, err = run_cli(["-q", "card", str(out)])
+    assert report["code"] == 0, err
+    assert {"transformers", "open_clip", "datasets", "matplotlib"}.isdisjoint(report["imported"])
+    assert "## Model size" in (out / "README.md").read_text()
+
+
 def test_the_static_lists_of_the_parser_match_the_library():
     # The parser lists methods and dtypes without importing torch; they must not drift.
     assert sorted(MERGE_METHODS) == sorted(BY_NAME)

@@ -8,8 +8,10 @@ import re
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from scipy.stats import norm
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, CLIPModel
 
 from hf_soups.cli import main
@@ -37,7 +39,11 @@ TINY = SparseConfig(
     max_steps=10,
     dense_learning_rate=3e-3,
     retrain_learning_rate=3e-3,
+    # The tiny CLIP's image MLPs are a small share of it: targets it can reach.
+    reduction_parameters=0.05,
+    reduction_flops=0.1,
 )
+REDUCED = "reduced"
 # Per-layer pruning rounds each tensor's kept count to the nearest weight.
 ROUNDING = 1e-3
 
@@ -81,6 +87,9 @@ def test_the_table_has_dense_imp_and_sparse_soups_at_each_sparsity(sparse, repor
     expected = ["dense (fine-tuned)", "dense soup (uniform)"]
     for kind in ["IMP", "sparse soup (greedy)", "sparse soup (uniform)"]:
         expected += [f"{kind}, {s:.0%} sparse" for s in SPARSITIES]
+    widths = report["reduction"]["intermediate_size"]
+    before, after = widths["before"]["vision"], widths["after"]["vision"]
+    expected.append(f"reduced (vision MLP width {before} -> {after})")
     assert names == expected
     table = (folder / "sparse_results.md").read_text()
     assert all(f"| {name} |" in table for name in expected)
@@ -103,7 +112,7 @@ def test_every_cell_is_an_accuracy_with_its_wilson_interval(report):
 def test_rows_have_the_sparsity_they_claim(report):
     for row in report["rows"]:
         assert row["sparsity"] == pytest.approx(row["target_sparsity"], abs=ROUNDING)
-        assert row["copies_per_round"] == (1 if row["kind"] in ("IMP", "dense") else 2)
+        assert row["copies_per_round"] == (1 if row["kind"] in ("IMP", "dense", REDUCED) else 2)
 
 
 def test_greedy_rounds_keep_the_copy_best_on_validation_first(report):
@@ -195,6 +204,91 @@ def test_card_reports_the_mask_counts(sparse):
     assert "50.00%, 80.00%, 90.00% sparsity" in card
 
 
+def _text_length(data, folder) -> int:
+    """Tokens of the longest class prompt: what the table's FLOPs count a text as."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = [t.format(c) for c in data.classnames for t in data.templates]
+    return tokenizer(prompts, padding=True, return_tensors="pt")["input_ids"].shape[1]
+
+
+def _flops(model, text_length) -> int:
+    model.config._attn_implementation = "eager"  # its products are what the counter sees
+    inputs = {
+        "pixel_values": torch.randn(1, 3, 28, 28),
+        "input_ids": torch.randint(4, 10, (1, text_length)),
+    }
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(**inputs)
+    return counter.get_total_flops()
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_reduced_model_loads_with_from_pretrained_and_is_the_row_it_claims(sparse, report, data):
+    folder = sparse[0] / "reduced"
+    model = CLIPModel.from_pretrained(folder).eval()
+    record = json.loads((folder / "reduction.json").read_text())
+    dense = CLIPModel.from_pretrained(sparse[0] / "zero_shot")
+    assert (
+        model.config.vision_config.intermediate_size
+        == record["intermediate_size"]["after"]["vision"]
+        < dense.config.vision_config.intermediate_size
+    )
+    assert (
+        record["intermediate_size"]["after"]["text"]
+        == record["intermediate_size"]["before"]["text"]
+    )
+    assert record["parameters"]["reduction"] >= TINY.reduction_parameters
+    assert record["flops"]["reduction"] >= TINY.reduction_flops
+    row = report["rows"][-1]
+    assert row["kind"] == REDUCED and row["sparsity"] == 0.0
+    text_length = _text_length(data, folder)
+    assert row["parameters"] == _numel(model) == record["parameters"]["after"]
+    assert row["flops"] == _flops(model, text_length)
+    assert 1 - _numel(model) / _numel(dense) == pytest.approx(record["parameters"]["reduction"])
+    # The text tower was left whole, and the row's scores are CLIP's own on the saved weights.
+    weights = load_file(folder / "model.safetensors")
+    zero_shot = load_file(sparse[0] / "zero_shot" / "model.safetensors")
+    assert all(torch.equal(weights[n], zero_shot[n]) for n in zero_shot if n.startswith("text_"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = tokenizer(
+        [data.templates[0].format(c) for c in data.classnames], padding=True, return_tensors="pt"
+    )
+    for name, dataset in {"test": data.test, **data.shifted}.items():
+        images = dataset[:]
+        with torch.no_grad():
+            logits = model(**prompts, pixel_values=images["pixel_values"]).logits_per_image
+        correct = int((logits.argmax(-1) == images["labels"]).sum())
+        assert round(row["results"][name]["metrics"]["accuracy"] * 1000) == correct
+    card = ModelCard.load(folder / "README.md")
+    assert {"pruning", "structured-pruning", "hf-soups"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers"
+    assert f"| {record['parameters']['after']:,} |" in card.text
+
+
+def test_every_row_has_its_parameter_and_flop_counts(sparse, report, data):
+    folder = sparse[0]
+    dense = CLIPModel.from_pretrained(folder / "zero_shot")
+    dense_flops = _flops(dense, _text_length(data, folder / "zero_shot"))
+    for row in report["rows"][:-1]:  # the reduced row: above
+        assert row["flops"] == dense_flops, row["name"]
+        if row["target_sparsity"] == 0:
+            assert row["parameters"] == _numel(dense), row["name"]
+    soup = CLIPModel.from_pretrained(folder / "sparse_soup")
+    saved = next(r for r in report["rows"] if r["name"] == report["saved_soup"])
+    assert saved["parameters"] == sum(int(torch.count_nonzero(p)) for p in soup.parameters())
+    imp = [r["parameters"] for r in report["rows"] if r["kind"] == "IMP"]
+    assert imp == sorted(imp, reverse=True) and imp[-1] < _numel(dense)
+    table = (folder / "sparse_results.md").read_text()
+    assert "| sparsity | parameters | FLOPs |" in table
+    for row in report["rows"]:
+        assert f" | {row['parameters']:,} | {row['flops']:,} |" in table
+    assert "Structured reduction: image MLP width" in table
+    assert "structured reduction" in sparse[1].seconds
+
+
 def test_output_is_refused_when_present(sparse):
     out = sparse[0].parent
     with pytest.raises(HfSoupsError, match="exists"):
@@ -223,10 +317,18 @@ def test_cli_zero_shot_needs_the_sparse_stage(tmp_path, capsys):
 
 def test_a_given_zero_shot_model_is_started_from_not_copied(sparse, tmp_path):
     zero_shot = sparse[0] / "zero_shot"
-    small = SparseConfig(copies=1, sparsities=(0.5,), soups=("uniform",), max_steps=2)
+    small = SparseConfig(
+        copies=1,
+        sparsities=(0.5,),
+        soups=("uniform",),
+        max_steps=2,
+        reduction_parameters=0.05,
+        reduction_flops=0.1,
+    )
     results = run_sparse_demo(tmp_path, config=small, zero_shot=zero_shot, progress=False)
     assert "pre-training" not in results.seconds
     assert sorted(p.name for p in (tmp_path / "sparse").iterdir()) == [
+        "reduced",
         "sparse_results.json",
         "sparse_results.md",
         "sparse_soup",

@@ -1,6 +1,8 @@
 """Parameter and FLOP counts from configs, against real tiny models: ``numel`` of their
 parameters (per module and in total) and torch's own ``FlopCounterMode`` on a forward pass."""
 
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -17,7 +19,7 @@ from transformers import (
 )
 
 from hf_soups.errors import UnsupportedArchitectureError
-from hf_soups.pruning.flops import model_counts
+from hf_soups.pruning.flops import JsonConfig, MissingConfigValue, model_counts
 
 TEXT_LENGTH = 7
 VIT = dict(
@@ -136,3 +138,21 @@ def test_other_architectures_are_refused():
     config = ViTConfig(**VIT)
     with pytest.raises(UnsupportedArchitectureError, match="ViTForMaskedImageModeling"):
         model_counts(config, architecture="ViTForMaskedImageModeling")
+
+
+@pytest.mark.parametrize(("model_class", "make_config", "make_inputs"), CASES)
+def test_a_config_read_as_json_counts_like_the_built_model(model_class, make_config, make_inputs):
+    config = make_config()
+    torch.manual_seed(0)
+    model = model_class(config)
+    values = json.loads(config.to_json_string(use_diff=False))
+    counted = model_counts(JsonConfig(values), architecture=model_class.__name__)
+    assert counted["parameters"] == sum(p.numel() for p in model.parameters())
+    assert counted == model_counts(model)
+
+
+def test_a_json_config_refuses_to_guess_a_missing_value():
+    values = json.loads(ViTConfig(**VIT).to_json_string(use_diff=False))
+    del values["num_channels"]
+    with pytest.raises(MissingConfigValue, match="num_channels"):
+        model_counts(JsonConfig(values))

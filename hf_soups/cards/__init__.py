@@ -13,7 +13,10 @@ rewrites it. A card shows local sources by their folder names only.
 The modules: :mod:`~hf_soups.cards.metadata` (front matter), :mod:`~hf_soups.cards.family`
 (everything that depends on the model family), :mod:`~hf_soups.cards.scores` (typed views of
 the recorded scores), :mod:`~hf_soups.cards.tables` and :mod:`~hf_soups.cards.text` (the body),
-:mod:`~hf_soups.cards.render` (templates and the file). The templates ship inside the package
+:mod:`~hf_soups.cards.sparsity` and :mod:`~hf_soups.cards.size` (a sparse model's mask; the
+parameters and FLOPs), :mod:`~hf_soups.cards.render` (templates and the file), and
+:mod:`~hf_soups.cards.reduction` (the card of a structurally reduced model, from its
+``reduction.json``). The templates ship inside the package
 (``hf_soups/model_cards`` is a symlink to the repository's ``model_cards/``) and are read with
 :mod:`importlib.resources`.
 """

@@ -18,7 +18,7 @@ from hf_soups.recipe.schema import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["architecture", "family_metadata"]
+__all__ = ["architecture", "family_metadata", "folder_metadata"]
 
 
 def family_metadata(folder: Path, recipe: Recipe, repo_id: str):
@@ -26,18 +26,24 @@ def family_metadata(folder: Path, recipe: Recipe, repo_id: str):
     as ``repo_id`` (a card title that is no repo id loads the folder by its name); class names
     and prompts come from ``recipe.task`` when recorded. A folder no family recognises gets no
     library, pipeline tag or snippet (and a log line)."""
-    from hf_soups.models.families import CardMetadata, detect_family
     from hf_soups.models.task import ZeroShotTask
+
+    task = ZeroShotTask.from_dict(recipe.task) if recipe.task else None
+    return folder_metadata(folder, repo_id, task)
+
+
+def folder_metadata(folder: Path, repo_id: str, task=None):
+    """:func:`family_metadata` for a folder without a recipe: ``task`` (a
+    :class:`~hf_soups.models.ZeroShotTask`) gives the snippet's class names and prompts."""
+    from hf_soups.models.families import CardMetadata, detect_family
 
     if not is_repo_id(repo_id):
         repo_id = final_name(folder)
-
     try:
         family = detect_family(folder)
     except HfSoupsError as error:
         logger.info("%s: the card names no library (%s)", final_path(folder), error)
         return CardMetadata(None, None, False, None)
-    task = ZeroShotTask.from_dict(recipe.task) if recipe.task else None
     return family.card_metadata(repo_id, task)
 
 

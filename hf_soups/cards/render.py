@@ -17,7 +17,8 @@ import hf_soups.cards.scores as score_views
 import hf_soups.cards.tables as tables
 from hf_soups.cards.family import architecture, family_metadata
 from hf_soups.cards.metadata import CARD_FILE, card_data
-from hf_soups.cards.sparsity import sparsity_section
+from hf_soups.cards.size import size_section
+from hf_soups.cards.sparsity import mask_counts, sparsity_section
 from hf_soups.cards.text import citations_of, method_text, reproduce, summary
 from hf_soups.output import final_name, final_path
 from hf_soups.recipe.schema import RECIPE_FILE, Recipe
@@ -28,7 +29,8 @@ _PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
 
 
 @cache
-def _template(name: str) -> jinja2.Template:
+def card_template(name: str) -> jinja2.Template:
+    """The jinja template ``model_cards/<name>`` shipped with the package."""
     text = resources.files("hf_soups").joinpath("model_cards", name).read_text(encoding="utf-8")
     environment = jinja2.Environment(
         trim_blocks=True,
@@ -95,12 +97,14 @@ def render_card(
         own_set = next(iter(score_views.eval_sets(scores)), None)
     self_name = score_views.self_name(public)
     order = tables.model_order(public, scores)
+    masks = mask_counts(folder)
     context = {
         "card_data": data.to_yaml(),
         "title": title,
         "summary": summary(public, architecture(folder), family.library_name),
         "method_text": method_text(public),
         "parameters": json.dumps(public.parameters, sort_keys=True),
+        "size": size_section(folder, masks),
         "usage": family.snippet,
         "needs_hf_soups": family.needs_hf_soups,
         "metric": metric,
@@ -117,20 +121,20 @@ def render_card(
         ],
     }
     if public.patch is not None:
-        template = _template("wise_ft.md")
+        template = card_template("wise_ft.md")
         context["ends"] = tables.end_rows(public, points, metric)
         context["selection"] = public.patch.selection.get("description")
         context["chosen_alpha"] = public.patch.chosen_alpha
         context["sweep"] = tables.sweep_table(points, public.patch.chosen_alpha, metric)
     else:
-        template = _template("soup.md")
+        template = card_template("soup.md")
         context["ingredients"], context["greedy"] = tables.ingredient_rows(
             public, scores, metric, own_set
         )
         context["trace"] = tables.trace_rows(public, metric)
         context["held_out"] = public.soup.held_out if public.soup else None
         context["trace_metric"] = (public.soup.metric if public.soup else None) or metric
-        context["sparsity"] = sparsity_section(folder, public)
+        context["sparsity"] = sparsity_section(folder, public, masks)
     return ModelCard(template.render(**context))
 
 

@@ -21,7 +21,9 @@ _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 @dataclass
-class _Count:
+class MaskCount:
+    """Weights a pruning mask keeps of one tensor, and the tensor's size."""
+
     kept: int
     total: int
 
@@ -34,7 +36,7 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-def _rows(counts: dict[str, _Count]) -> list[str]:
+def _rows(counts: dict[str, MaskCount]) -> list[str]:
     if len(counts) <= MAX_TENSOR_ROWS:
         lines = ["| Tensor | Kept | Total | Sparsity |", "|---|---|---|---|"]
         for name, count in counts.items():
@@ -43,7 +45,7 @@ def _rows(counts: dict[str, _Count]) -> list[str]:
                 f"{_percent(count.sparsity)} |"
             )
         return lines
-    groups: dict[str, list[_Count]] = {}
+    groups: dict[str, list[MaskCount]] = {}
     for name, count in counts.items():
         groups.setdefault(_LAYER_INDEX.sub("*", name), []).append(count)
     lines = [
@@ -57,7 +59,7 @@ def _rows(counts: dict[str, _Count]) -> list[str]:
         spread = _percent(low) if low == high else f"{_percent(low)} – {_percent(high)}"
         lines.append(
             f"| `{cell(pattern)}` | {len(members)} | {kept:,} | {total:,} | "
-            f"{_percent(_Count(kept, total).sparsity)} | {spread} |"
+            f"{_percent(MaskCount(kept, total).sparsity)} | {spread} |"
         )
     return lines
 
@@ -90,19 +92,31 @@ def _recipe_text(recipe: PruningRecipe) -> str:
     return text
 
 
-def sparsity_section(folder: Path, recipe: Recipe) -> str | None:
-    """The markdown of the card's "Sparsity" section, or ``None`` for a dense model (no mask
-    file and no pruning recorded)."""
+def mask_counts(folder: Path) -> dict[str, MaskCount] | None:
+    """Kept and total weights of every tensor of the folder's ``pruning_mask.safetensors``;
+    ``None`` when there is none."""
     # Imported here: importing hf_soups.cards must not import torch (test_cards checks it).
+    from hf_soups.pruning.mask_file import read_mask_file
+
+    masks = read_mask_file(folder)
+    if masks is None:
+        return None
+    return {name: MaskCount(int(m.sum()), m.numel()) for name, m in masks.items()}
+
+
+def sparsity_section(
+    folder: Path, recipe: Recipe, counts: dict[str, MaskCount] | None
+) -> str | None:
+    """The markdown of the card's "Sparsity" section, or ``None`` for a dense model (no mask
+    file and no pruning recorded); ``counts``: :func:`mask_counts` of the folder."""
     from hf_soups.ingredients import Ingredient
-    from hf_soups.pruning.mask_file import MASK_FILE, read_mask_file
+    from hf_soups.pruning.mask_file import MASK_FILE
 
     pruning: PruningRecord | None = recipe.soup.pruning if recipe.soup is not None else None
-    masks = read_mask_file(folder)
-    if masks is None and pruning is None:
+    if counts is None and pruning is None:
         return None
     lines = []
-    if masks is None:
+    if counts is None:
         # The recipe says the model is sparse, but the mask is not in the folder: say so
         # rather than count what is not there.
         lines.append(
@@ -110,13 +124,12 @@ def sparsity_section(folder: Path, recipe: Recipe) -> str | None:
             f"{_percent(pruning.sparsity)}, but this folder has no `{MASK_FILE}`."
         )
     else:
-        counts = {name: _Count(int(m.sum()), m.numel()) for name, m in masks.items()}
         kept = sum(c.kept for c in counts.values())
         total = sum(c.total for c in counts.values())
         stored = sum(info.numel for info in Ingredient.from_folder(folder).tensors.values())
         pruned = total - kept
         lines += [
-            f"This model is sparse: **{_percent(_Count(kept, total).sparsity)}** of its prunable "
+            f"This model is sparse: **{_percent(MaskCount(kept, total).sparsity)}** of its prunable "
             f"weights are exact zeros, {kept:,} kept of {total:,} in {len(counts)} tensors "
             f"(`{MASK_FILE}` marks them; `True` is kept). Of all {stored:,} parameters stored, "
             f"{stored - pruned:,} are kept ({_percent(pruned / stored if stored else 0.0)} "

@@ -52,7 +52,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_sparse(args: argparse.Namespace) -> None:
-    from hf_soups.demo.sparse import SPARSE_FOLDER, SPARSE_SOUP_FOLDER, run_sparse_demo
+    from hf_soups.demo.sparse import (
+        REDUCED_FOLDER,
+        SPARSE_FOLDER,
+        SPARSE_SOUP_FOLDER,
+        run_sparse_demo,
+    )
 
     sparse = run_sparse_demo(
         args.out,
@@ -63,8 +68,10 @@ def run_sparse(args: argparse.Namespace) -> None:
         zero_shot=args.zero_shot,
     )
     print(sparse.table())
+    print(f"\n{sparse.reduction_summary()}", end="")
     folder = f"{args.out}/{SPARSE_FOLDER}"
     print(
-        f"\nWrote {folder}/ ({SPARSE_SOUP_FOLDER}/ with its mask and model card, sparse_results.json)."
+        f"\nWrote {folder}/ ({SPARSE_SOUP_FOLDER}/ with its mask and model card, "
+        f"{REDUCED_FOLDER}/ the reduced CLIPModel with its card, sparse_results.json)."
     )
     print("Stage times (s): " + ", ".join(f"{k} {v}" for k, v in sparse.seconds.items()))

@@ -11,7 +11,10 @@ differing):
   prune;
 - **sparse soup**: the same rounds with ``copies`` copies per round sharing the round's mask,
   their soup (uniform, or greedy on the validation split) starting the next round (Zimmer,
-  Spiegel & Pokutta, ICLR 2024).
+  Spiegel & Pokutta, ICLR 2024);
+- **reduced**: the dense model with narrower image MLPs, by structured reduction to a stated
+  parameter and FLOP reduction (:mod:`hf_soups.demo.sparse_reduction`), saved as a plain
+  ``CLIPModel`` folder with its card.
 
 Greedy soups choose on the validation split; the test split and its shifted copies are only
 reported, with 95% Wilson intervals. The sparse soup at the highest sparsity is saved as a plain
@@ -47,18 +50,20 @@ from hf_soups.demo.pretrain import (
     pretrain_zero_shot,
     quiet_transformers,
 )
+from hf_soups.demo.sparse_reduction import REDUCED_FOLDER, reduce_dense
 from hf_soups.demo.sparse_results import (
     REPORTED_SET,
     SparseConfig,
     SparseResults,
     SparseRow,
+    pruning_recipe,
 )
 from hf_soups.evaluation import Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.models import ZeroShotTask
 from hf_soups.output import atomic_output_dir
 from hf_soups.pruning import disk_names, prunable_parameters, sparse_soup_rounds, write_mask_file
-from hf_soups.recipe.schema import PruningRecipe
+from hf_soups.pruning.flops import model_counts
 from hf_soups.threads import one_thread
 
 logger = logging.getLogger(__name__)
@@ -111,7 +116,12 @@ def _arguments(
 def measured_sparsity(model: nn.Module) -> float:
     """Share of exact zeros among ``model``'s prunable weights."""
     weights = prunable_parameters(model).values()
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return zeros(model) / sum(w.numel() for w in weights)
+
+
+def zeros(model: nn.Module) -> int:
+    """Exact zeros among ``model``'s prunable weights."""
+    return sum(int((w == 0).sum()) for w in prunable_parameters(model).values())
 
 
 def run_sparse_demo(
@@ -132,7 +142,9 @@ def run_sparse_demo(
     one is given),
     ``sparse_soup/`` (the sparse soup at the highest sparsity: a ``CLIPModel`` folder with its
     ``pruning_mask.safetensors``, ``soup.json`` and model card), ``sparse_soup_copies/`` (the
-    last round's copies it is made from), ``sparse_results.json`` and ``sparse_results.md``.
+    last round's copies it is made from), ``reduced/`` (the structurally reduced model, a plain
+    ``CLIPModel`` folder with ``reduction.json`` and its card), ``sparse_results.json`` and
+    ``sparse_results.md``.
 
     Args:
         out_dir: the demo's output folder; only its ``sparse/`` is written (refused if it
@@ -179,7 +191,7 @@ def run_sparse_demo(
             lap("pre-training")
         zero_shot = Path(zero_shot)
         stage = _SparseStage(data, zero_shot, config, seed, Path(scratch), accelerator)
-        rows = 2 + len(config.sparsities) * (1 + len(config.soups))
+        rows = 3 + len(config.sparsities) * (1 + len(config.soups))
         with (
             deterministic(seed),
             tqdm(total=rows, desc="sparse stage", disable=not progress) as bar,
@@ -203,10 +215,14 @@ def run_sparse_demo(
                     save_copies=copies_dir if rule == config.soups[0] else None,
                 )
                 lap(f"sparse soup ({rule})")
+            reduction = reduce_dense(stage, dense, work / REDUCED_FOLDER)
+            lap("structured reduction")
         saved = stage.save_soup(copies_dir, work / SPARSE_SOUP_FOLDER, target)
         lap("saving")
         seconds["total"] = round(sum(seconds.values()), 1)
-        results = SparseResults(stage.rows, config, seconds, saved, stage.records)
+        results = SparseResults(
+            stage.rows, config, seconds, saved, stage.records, reduction.to_record()
+        )
         (work / SPARSE_JSON).write_text(json.dumps(results.to_dict(), indent=2) + "\n")
         (work / SPARSE_MD).write_text(results.markdown())
     return results
@@ -228,6 +244,12 @@ class _SparseStage:
         self.scratch = scratch
         self.task = ZeroShotTask(data.classnames, templates=data.templates, name="mnist")
         self.processor = CLIPProcessor.from_pretrained(zero_shot)
+        prompts = [t.format(c) for c in data.classnames for t in data.templates]
+        # The table's FLOPs count one image and the longest class prompt, not the text
+        # config's max_position_embeddings (room the prompts do not use).
+        self.text_length = self.processor.tokenizer(prompts, padding=True, return_tensors="pt")[
+            "input_ids"
+        ].shape[1]
 
         def evaluator(dataset, name):
             return Evaluator(dataset, name=name, accelerator=accelerator, progress=False)
@@ -244,12 +266,20 @@ class _SparseStage:
     def validation_accuracy(self, model: ImageSideFineTuning) -> float:
         return self.validation.evaluate(model.scorer).score
 
+    def arguments(self, name: str, **settings) -> TrainingArguments:
+        """The stage's training arguments for one run, writing under the scratch folder."""
+        return _arguments(self.scratch / name, self.config, **settings)
+
     def add_row(self, name: str, kind: str, target: float, copies: int, model) -> SparseRow:
+        counts = model_counts(model.model, text_length=self.text_length)
         row = SparseRow(
             name=name,
             kind=kind,
             target_sparsity=target,
             sparsity=measured_sparsity(model),
+            # Pruned rows count what their masks keep: the zeros are no parameters to store.
+            parameters=counts["parameters"] - (zeros(model) if target > 0 else 0),
+            flops=counts["flops"],
             copies=copies,
             validation=self.validation_accuracy(model),
             results={
@@ -266,9 +296,8 @@ class _SparseStage:
         model = ImageSideFineTuning(
             clip_fine_tuning(self.zero_shot, self.data.classnames, self.data.templates)
         )
-        args = _arguments(
-            self.scratch / "dense",
-            self.config,
+        args = self.arguments(
+            "dense",
             epochs=self.config.dense_epochs,
             learning_rate=self.config.dense_learning_rate,
             seed=self.seed,
@@ -306,9 +335,8 @@ class _SparseStage:
             name = kind if dense else f"{kind}, {sparsities[record.index]:.0%} sparse"
             self.add_row(name, kind, sparsities[record.index], copies, model)
 
-        args = _arguments(
-            self.scratch / "".join(c if c.isalnum() else "_" for c in kind),
-            self.config,
+        args = self.arguments(
+            "".join(c if c.isalnum() else "_" for c in kind),
             epochs=self.config.retrain_epochs,
             learning_rate=self.config.retrain_learning_rate,
             seed=self.seed + 1,
@@ -344,7 +372,7 @@ class _SparseStage:
         row = next(r for r in reversed(self.rows) if r.kind == kind)
         soup.record.name = row.name
         soup.record.held_out = "validation" if "greedy" in kind else None
-        soup.record.pruning.recipe = self.pruning_recipe(kind)
+        soup.record.pruning.recipe = pruning_recipe(self.config, kind, self.records[kind])
         model = soup.to_model()
         row.results = {key: ev.evaluate(model, name=row.name) for key, ev in self.reported.items()}
         soup.scores = {
@@ -353,24 +381,3 @@ class _SparseStage:
         soup.save_pretrained(out, progress=False)
         write_card(out, model_name=f"hf-soups demo {row.name}")
         return row.name
-
-    def pruning_recipe(self, kind: str) -> PruningRecipe:
-        """How the soup was pruned, for its recipe and card."""
-        config = self.config
-        return PruningRecipe(
-            method="Sparse Model Soups (Zimmer, Spiegel & Pokutta, ICLR 2024)",
-            scorer="magnitude",
-            scope=config.scope,
-            sparsities=list(config.sparsities),
-            copies_per_round=config.copies,
-            soup=kind.removeprefix("sparse soup (").removesuffix(")"),
-            retraining={
-                "epochs": config.retrain_epochs,
-                "learning_rate": config.retrain_learning_rate,
-                **({"max_steps": config.max_steps} if config.max_steps > 0 else {}),
-            },
-            rounds=[
-                {"sparsity": r["sparsity"], "kept": r["kept"], "copy_scores": r["copy_scores"]}
-                for r in self.records[kind]
-            ],
-        )

@@ -11,16 +11,25 @@ position, masked ones included, as dense kernels compute them) and CLIP's image-
 Biases, layer norms, activations, softmax and embedding look-ups are not counted (they are
 linear in the width, not quadratic). A ``CLIPModel`` example is one image and one text of
 ``text_length`` tokens (default: the text config's ``max_position_embeddings``).
+
+:func:`folder_counts` counts a saved folder from its ``config.json`` read as JSON, without
+importing transformers (model cards stay light), unless the file leaves out a value whose
+default only transformers knows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-from transformers import PretrainedConfig, PreTrainedModel
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hf_soups.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 FLOPS_CONVENTION = (
     "forward FLOPs of one example = 2 x multiply-accumulates of the matrix products (linear "
@@ -168,8 +177,14 @@ def _heads(config: PretrainedConfig, architecture: str) -> Counts:
     return counts
 
 
+def _is_model(value: object) -> bool:
+    # A model exists only once transformers is imported: the check needs no import of its own.
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(value, transformers.PreTrainedModel)
+
+
 def model_counts(
-    config_or_model: PretrainedConfig | PreTrainedModel,
+    config_or_model: PretrainedConfig | PreTrainedModel | JsonConfig,
     *,
     architecture: str | None = None,
     text_length: int | None = None,
@@ -178,7 +193,8 @@ def model_counts(
 
     Args:
         config_or_model: a config (``ViTConfig``, ``CLIPConfig``, ``CLIPVisionConfig``,
-            ``CLIPTextConfig``) or a model, whose config and class are used.
+            ``CLIPTextConfig``, or a :class:`JsonConfig` of its ``config.json``) or a model,
+            whose config and class are used.
         architecture: the model class name (one of :data:`SUPPORTED_ARCHITECTURES`); default:
             the model's class, else the config's ``architectures[0]``, else the plain model of
             the config's type (``ViTForImageClassification`` for a ``ViTConfig``).
@@ -193,8 +209,9 @@ def model_counts(
 
     Raises:
         UnsupportedArchitectureError: the architecture is not a ViT or CLIP model.
+        MissingConfigValue: a :class:`JsonConfig` lacks a value the counts need.
     """
-    if isinstance(config_or_model, PreTrainedModel):
+    if _is_model(config_or_model):
         config = config_or_model.config
         architecture = architecture or type(config_or_model).__name__
     else:
@@ -222,3 +239,67 @@ def model_counts(
     result["flops_convention"] = FLOPS_CONVENTION
     result["modules"] = modules
     return result
+
+
+class MissingConfigValue(AttributeError):
+    """A ``config.json`` leaves out a value (transformers fills in its class default)."""
+
+
+class JsonConfig:
+    """A ``config.json`` read as JSON, its values as attributes (nested configs too), for
+    :func:`model_counts` without transformers.
+
+    Only what the file holds is known: a missing value raises :class:`MissingConfigValue`
+    rather than guess the class default. ``num_labels`` is the size of ``id2label``, as a
+    transformers config computes it.
+    """
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})
+        if name == "num_labels" and "id2label" in values:
+            return len(values["id2label"])
+        if name not in values:
+            raise MissingConfigValue(f"config.json has no {name!r}")
+        value = values[name]
+        return JsonConfig(value) if name.endswith("_config") and isinstance(value, dict) else value
+
+
+CONFIG_FILE = "config.json"
+
+
+def folder_counts(
+    folder: str | os.PathLike, *, text_length: int | None = None
+) -> dict[str, Any] | None:
+    """:func:`model_counts` of the model saved in ``folder``, from its ``config.json``;
+    ``None`` when the folder has none or holds an architecture the counts do not cover.
+
+    The file is read as JSON; only when it leaves out a value the counts need (a file written by
+    an older transformers may) is it loaded with ``transformers.AutoConfig``, which knows the
+    class defaults.
+    """
+    file = Path(folder) / CONFIG_FILE
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict):
+        return None
+    try:
+        return model_counts(JsonConfig(values), text_length=text_length)
+    except UnsupportedArchitectureError:
+        return None
+    except MissingConfigValue:
+        pass
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(file.parent)
+    except (OSError, ValueError):  # a model type this transformers does not know
+        return None
+    try:
+        return model_counts(config, text_length=text_length)
+    except UnsupportedArchitectureError:
+        return None

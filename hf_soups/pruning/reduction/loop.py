@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from hf_soups.cards.reduction import REDUCTION_FILE, write_reduction_card
+from hf_soups.cards.sources import is_repo_id
 from hf_soups.errors import HfSoupsError
 from hf_soups.output import atomic_output_dir
 from hf_soups.pruning.flops import FLOPS_CONVENTION, model_counts
@@ -28,7 +30,6 @@ from hf_soups.pruning.scorer import LossFunction, model_loss
 
 logger = logging.getLogger(__name__)
 
-REDUCTION_FILE = "reduction.json"
 IMPORTANCE_CITATIONS = {
     "taylor": "Molchanov et al., Pruning convolutional neural networks for resource efficient "
     "inference, ICLR 2017 (arXiv:1611.06440)",
@@ -192,17 +193,35 @@ def save_reduced(
     out_dir: str | os.PathLike,
     *,
     processing_class: Any = None,
+    base_model: str | None = None,
+    model_name: str | None = None,
+    task: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """``save_pretrained`` the reduced model with ``reduction.json`` (its recipe) beside it;
-    the folder loads with plain ``from_pretrained``.
+    """``save_pretrained`` the reduced model with ``reduction.json`` (its recipe) and its model
+    card (``README.md``, :mod:`hf_soups.cards.reduction`) beside it; the folder loads with
+    plain ``from_pretrained``.
 
     ``result`` is what :func:`reduce_and_retrain` returns; the narrowed model of a single
     :func:`~hf_soups.pruning.reduction.reduce_mlp` step saves with its own ``save_pretrained``.
+
+    Args:
+        processing_class: a processor or tokenizer saved with the model.
+        base_model: the Hub id of the model the reduction started from, for the card's
+            metadata (``base_model``) and the record.
+        model_name: the card's title; default: the folder's name.
+        task: a :class:`~hf_soups.models.ZeroShotTask` for the card's zero-shot snippet.
+
+    Raises:
+        HfSoupsError: ``base_model`` is not a Hub repo id.
     """
+    if base_model is not None and not is_repo_id(base_model):
+        raise HfSoupsError(f"base_model {base_model!r} is not a Hub repo id ('org/name')")
+    record = result.to_record() | ({"base_model": base_model} if base_model else {})
     with atomic_output_dir(out_dir, overwrite=overwrite) as work_dir:
         result.model.save_pretrained(work_dir)
         if processing_class is not None:
             processing_class.save_pretrained(work_dir)
-        (work_dir / REDUCTION_FILE).write_text(json.dumps(result.to_record(), indent=2) + "\n")
+        (work_dir / REDUCTION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_reduction_card(work_dir, model_name=model_name, task=task)
     return Path(out_dir)
