@@ -339,6 +339,17 @@ def _architecture(ingredient: Ingredient) -> tuple:
     return ingredient.family.architecture_key(ingredient.config)
 
 
+def _describe(architecture: tuple) -> str:
+    """An architecture key in words: ``a vit checkpoint (ViTForImageClassification)``."""
+    if architecture == (None,):
+        return "of no known layout (no config the families recognise)"
+    family, *rest = architecture
+    if family == "open_clip":
+        return "an open_clip checkpoint of another model config"
+    model_type, classes = (rest + [None, ()])[:2]
+    return f"a {model_type or family} checkpoint ({', '.join(classes) or 'no architectures'})"
+
+
 def check_compatible(ingredients: Iterable[Ingredient]) -> None:
     """Check that ingredients can be merged: same architecture, tensor names, shapes and kinds.
 
@@ -357,8 +368,8 @@ def check_compatible(ingredients: Iterable[Ingredient]) -> None:
         architecture = _architecture(other)
         if architecture != reference_architecture:
             raise IncompatibleIngredientsError(
-                f"{other.name} has architecture {architecture[:3]} but {reference.name} has "
-                f"{reference_architecture[:3]}"
+                f"different architectures: {other.name} is {_describe(architecture)} but "
+                f"{reference.name} is {_describe(reference_architecture)}"
             )
         missing = reference.tensors.keys() - other.tensors.keys()
         if missing:

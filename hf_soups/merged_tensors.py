@@ -59,7 +59,9 @@ def _check_finite(
         where = " after merging"
     message = f"tensor {name!r} has NaN or infinite values{where}"
     if not allow_non_finite:
-        raise NonFiniteWeightsError(message + " (pass allow_non_finite=True to merge anyway)")
+        raise NonFiniteWeightsError(
+            message + " (allow_non_finite=True, or --allow-non-finite, merges anyway)"
+        )
     logger.warning(message)
 
 

@@ -99,7 +99,11 @@ def test_shape_mismatch(setup, tmp_path):
 def test_different_architecture(setup, tmp_path):
     a, _, outputs = setup
     clip = make_clip_folder(tmp_path / "clip", seed=0)
-    fails_cleanly(outputs, IncompatibleIngredientsError, [clip, "architecture", "clip"], [a, clip])
+    fragments = [
+        f"different architectures: {clip} is a clip checkpoint (CLIPModel) but {a} is a vit "
+        "checkpoint (ViTForImageClassification)"
+    ]
+    fails_cleanly(outputs, IncompatibleIngredientsError, fragments, [a, clip])
 
 
 @pytest.mark.parametrize("keep", [4, 200, 0.5])

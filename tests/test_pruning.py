@@ -242,3 +242,17 @@ def test_save_pruned_of_a_half_precision_model_round_trips(tmp_path, dtype):
     reloaded = ViTForImageClassification.from_pretrained(folder, dtype=dtype)
     for (name, expected), got in zip(model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(expected, got), name
+
+
+def test_a_batch_without_a_loss_is_named(tmp_path):
+    from tiny import make_clip_folder
+    from transformers import CLIPModel
+
+    from hf_soups.errors import HfSoupsError
+    from hf_soups.pruning import model_loss
+
+    model = CLIPModel.from_pretrained(make_clip_folder(tmp_path / "clip", seed=0))
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "pixel_values": torch.randn(1, 3, 16, 16)}
+    with pytest.raises(HfSoupsError, match="CLIPModel returned no loss.*return_loss=True"):
+        model_loss(model, batch)
+    assert model_loss(model, {**batch, "return_loss": True}).ndim == 0

@@ -385,3 +385,14 @@ def test_mistakes_are_named(clip):
         reduce_and_retrain(model, step_neurons=1)
     with pytest.raises(HfSoupsError, match="max_steps"):
         reduce_and_retrain(model, target_flops=0.9, step_neurons=1, max_steps=2)
+    with pytest.raises(HfSoupsError, match="exactly one of step_neurons or step_flops"):
+        reduce_and_retrain(model, target_flops=0.2)
+
+
+def test_the_last_step_takes_only_what_is_left_of_the_flop_target(one_thread):
+    model = _vit()
+    result = reduce_and_retrain(model, _vit_batches(), target_flops=0.2, step_flops=0.15)
+    # A second full step would save 15% of the remaining 85%, ending near 27.8%; the capped
+    # one stops at the first cut past 20%.
+    assert len(result.steps) == 2
+    assert 0.2 <= result.flop_reduction < 0.25, result.flop_reduction

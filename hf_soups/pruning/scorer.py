@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_soups.errors import HfSoupsError
 from hf_soups.pruning.masks import apply_masks, density_of, masks_from_scores
 from hf_soups.pruning.targets import prunable_parameters
 
@@ -20,7 +21,13 @@ def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The loss a transformers-style model returns for a batch (``model(**batch)["loss"]``;
     a ``CLIPModel`` returns one only when the batch holds ``return_loss=True``)."""
     output = model(**batch) if isinstance(batch, Mapping) else model(batch)
-    return output["loss"]
+    loss = output.get("loss") if isinstance(output, Mapping) else None
+    if loss is None:
+        raise HfSoupsError(
+            f"{type(model).__name__} returned no loss for the batch (a CLIPModel needs "
+            "return_loss=True in it; other models need labels), or pass loss_fn"
+        )
+    return loss
 
 
 def batch_gradients(

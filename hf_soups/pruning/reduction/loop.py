@@ -90,6 +90,17 @@ class ReductionResult:
         }
 
 
+def _step_share(
+    result: ReductionResult, step_flops: float | None, target_flops: float | None
+) -> float | None:
+    """The share of the current FLOPs the next step saves: ``step_flops``, or only what is left
+    of the FLOP target when a full step would overshoot it."""
+    if step_flops is None or target_flops is None:
+        return step_flops
+    left = 1.0 - (1.0 - target_flops) * result.before["flops"] / result.after["flops"]
+    return left if 0.0 < left < step_flops else step_flops
+
+
 def _reached(result: ReductionResult, parameters: float | None, flops: float | None) -> bool:
     return (parameters is None or result.parameter_reduction >= parameters) and (
         flops is None or result.flop_reduction >= flops
@@ -129,6 +140,8 @@ def reduce_and_retrain(
     """
     if target_parameters is None and target_flops is None:
         raise HfSoupsError("give target_parameters or target_flops (shares to remove)")
+    if (step_neurons is None) == (step_flops is None):
+        raise HfSoupsError("give exactly one of step_neurons or step_flops (the size of a step)")
     if isinstance(batches, Iterable) and iter(batches) is batches:
         batches = list(batches)
     counts = model_counts(model, text_length=text_length)
@@ -150,7 +163,7 @@ def reduce_and_retrain(
             result.model,
             batches,
             neurons=step_neurons,
-            flops=step_flops,
+            flops=_step_share(result, step_flops, target_flops),
             towers=towers,
             loss_fn=loss_fn,
             text_length=text_length,
