@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from hf_soups.callbacks._trainer_io import checkpoint_dir, write_json_atomic
 from hf_soups.errors import CorruptedCheckpointError
 from hf_soups.pruning.magnitude import Magnitude
-from hf_soups.pruning.mask_file import disk_names, load_masks, write_mask_file
+from hf_soups.pruning.mask_file import load_masks, saved_names, write_mask_file
 from hf_soups.pruning.masks import SCOPES, apply_masks, density_of
 from hf_soups.pruning.targets import prunable_parameters
 
@@ -182,7 +182,7 @@ class IterativeMagnitudePruningCallback(TrainerCallback):
     def _stored_names(self, model) -> dict[str, str]:
         # Found by a save_pretrained of the model: done once, and only when a mask is stored.
         if self._disk_names is None:
-            self._disk_names = disk_names(model, list(self._parameters))
+            self._disk_names = saved_names(model, list(self._parameters))
         return self._disk_names
 
     @torch.no_grad()

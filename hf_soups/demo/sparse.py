@@ -62,7 +62,7 @@ from hf_soups.evaluation import Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.models import ZeroShotTask
 from hf_soups.output import atomic_output_dir
-from hf_soups.pruning import disk_names, prunable_parameters, sparse_soup_rounds, write_mask_file
+from hf_soups.pruning import prunable_parameters, saved_names, sparse_soup_rounds, write_mask_file
 from hf_soups.pruning.flops import model_counts
 from hf_soups.threads import one_thread
 
@@ -321,7 +321,7 @@ class _SparseStage:
     ) -> None:
         """One run of the Sparse Model Soups loop from ``start``, a row per round."""
         last = len(sparsities) - 1
-        names = disk_names(start, list(prunable_parameters(start))) if save_copies else None
+        names = saved_names(start, list(prunable_parameters(start))) if save_copies else None
 
         def save_copy(index: int, number: int, member, masks: Mapping[str, torch.Tensor]):
             if save_copies is not None and index == last:

@@ -20,10 +20,10 @@ from hf_soups.pruning.grasp import GraSP
 from hf_soups.pruning.magnitude import Magnitude
 from hf_soups.pruning.mask_file import (
     MASK_FILE,
-    disk_names,
     load_masks,
     read_mask_file,
     save_pruned,
+    saved_names,
     write_mask_file,
 )
 from hf_soups.pruning.masks import (
@@ -56,7 +56,7 @@ __all__ = [
     "apply_masks",
     "apply_masks_to_model",
     "density_of",
-    "disk_names",
+    "saved_names",
     "load_masks",
     "masks_from_scores",
     "model_loss",

@@ -45,7 +45,7 @@ def _markers(parameters: Mapping[str, torch.Tensor], names: list[str]) -> dict[s
     return markers
 
 
-def disk_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+def saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     """In-memory parameter name -> the name ``save_pretrained`` stores it under.
 
     Read off a real save: each named parameter is filled with its own constant marker
@@ -93,9 +93,9 @@ def write_mask_file(
     names: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``masks`` (in-memory names) into ``folder`` as :data:`MASK_FILE`, keyed by the
-    on-disk names (``names``, a :func:`disk_names` mapping already computed, or computed now),
+    on-disk names (``names``, a :func:`saved_names` mapping already computed, or computed now),
     through a temporary file and an atomic rename."""
-    mapping = names if names is not None else disk_names(model, list(masks))
+    mapping = names if names is not None else saved_names(model, list(masks))
     tensors = {mapping[name]: mask.detach().to("cpu", torch.bool) for name, mask in masks.items()}
     target = Path(folder) / MASK_FILE
     temporary = target.with_name(f".{MASK_FILE}.tmp-{os.getpid()}")
@@ -140,14 +140,14 @@ def load_masks(
     model: nn.Module, folder: str | os.PathLike, *, names: Mapping[str, str] | None = None
 ) -> dict[str, torch.Tensor]:
     """The mask file of ``folder`` keyed by ``model``'s in-memory parameter names (``names``: a
-    :func:`disk_names` mapping already computed)."""
+    :func:`saved_names` mapping already computed)."""
     stored = read_mask_file(folder)
     if stored is None:
         raise HfSoupsError(f"{folder}: no {MASK_FILE}")
     to_disk = (
         names
         if names is not None
-        else disk_names(model, list(prunable_parameters(model, include_heads=True)))
+        else saved_names(model, list(prunable_parameters(model, include_heads=True)))
     )
     to_memory = {disk_name: name for name, disk_name in to_disk.items()}
     unknown = sorted(set(stored) - set(to_memory))
