@@ -337,3 +337,20 @@ def test_a_given_zero_shot_model_is_started_from_not_copied(sparse, tmp_path):
     soup = load_file(tmp_path / "sparse" / "sparse_soup" / "model.safetensors")
     start = load_file(zero_shot / "model.safetensors")
     assert all(torch.equal(soup[n], start[n]) for n in start if n.startswith("text_model."))
+
+
+@pytest.mark.parametrize("given", ["missing", "vit"])
+def test_a_zero_shot_folder_that_is_no_demo_clip_is_refused_before_any_work(
+    tmp_path, capsys, given
+):
+    from tiny import make_vit_folder
+
+    folder = tmp_path / "missing" if given == "missing" else make_vit_folder(tmp_path / "vit", 0)
+    capsys.readouterr()  # what making the folder printed
+    out = tmp_path / "out"
+    args = ["-q", "demo", "--sparse", "--fast", "--out", str(out), "--zero-shot", str(folder)]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"hf-soups demo: error: --zero-shot {folder}: ")
+    assert ("no such folder" if given == "missing" else "not a demo CLIP folder") in error
+    assert not out.exists()

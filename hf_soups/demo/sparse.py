@@ -58,6 +58,7 @@ from hf_soups.demo.sparse_results import (
     SparseRow,
     pruning_recipe,
 )
+from hf_soups.errors import HfSoupsError
 from hf_soups.evaluation import Evaluator
 from hf_soups.ingredients import Ingredient
 from hf_soups.models import ZeroShotTask
@@ -124,6 +125,21 @@ def zeros(model: nn.Module) -> int:
     return sum(int((w == 0).sum()) for w in prunable_parameters(model).values())
 
 
+def _check_zero_shot(folder: Path) -> None:
+    """Before any work: ``--zero-shot`` must name a demo CLIP folder (a ``CLIPModel`` config
+    and its tokenizer), as the full demo writes it to ``zero_shot/``."""
+    config = folder / "config.json"
+    if not folder.is_dir():
+        raise HfSoupsError(f"--zero-shot {folder}: no such folder")
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json"))
+    if model_type != "clip" or not tokenizer:
+        raise HfSoupsError(
+            f"--zero-shot {folder}: not a demo CLIP folder (a CLIPModel config.json and its "
+            "tokenizer, as a full demo writes to OUT/zero_shot)"
+        )
+
+
 def run_sparse_demo(
     out_dir: str | os.PathLike = "demo_output",
     *,
@@ -168,6 +184,8 @@ def run_sparse_demo(
         seconds[stage] = round(now - clock, 1)
         clock = now
 
+    if zero_shot is not None:
+        _check_zero_shot(Path(zero_shot))
     target = Path(out_dir) / SPARSE_FOLDER
     accelerator = Accelerator(cpu=True)
     with (
