@@ -35,12 +35,24 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-soups", description="Model soups, WiSE-FT and weight averaging.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_common_options(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"hf_soups.commands.{name.replace('-', '_')}").register(subparsers)
+    # Also after the command (`hf-soups merge ... -q`); there they default to nothing, so that
+    # the value given before the command stands.
+    for command in subparsers.choices.values():
+        _add_common_options(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks on errors"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="only warnings and errors"
+    )
 
 
 # "-0.5,1.5" or "-1:1:0.5": argparse takes a value starting with "-" for an option unless it is

@@ -158,3 +158,15 @@ def test_the_installed_command_exits_with_mains_code_and_flushed_output(tmp_path
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"Merged 2 checkpoints into {out} (1 safetensors file(s))"
     assert f"INFO hf_soups.merge: Merged 2 ingredients into {out}" in done.stderr
+
+
+def test_quiet_and_debug_are_taken_after_the_command_too():
+    from hf_soups.cli import build_parser
+
+    parser = build_parser()
+    after = parser.parse_args(["card", "folder", "-q", "--debug"])
+    before = parser.parse_args(["-q", "card", "folder"])
+    neither = parser.parse_args(["card", "folder"])
+    assert (after.quiet, after.debug) == (True, True)
+    assert (before.quiet, before.debug) == (True, False)
+    assert (neither.quiet, neither.debug) == (False, False)
