@@ -795,3 +795,23 @@ def test_the_rebuild_command_writes_to_the_folder_name_not_the_title(tmp_path):
     text = write_card(folder, model_name="My soup, v2").read_text()
     assert "# My soup, v2" in text
     assert "--out my-soup" in text and "--out 'My soup" not in text
+
+
+def test_a_method_merge_card_rebuilds_the_model_from_the_command_line(
+    vit_pool, tmp_path, monkeypatch
+):
+    base, tunes = vit_pool[0], vit_pool[1:]
+    monkeypatch.chdir(base.parent)
+    folder = tmp_path / "merged"
+    args = ["-q", "merge", *(t.name for t in tunes), "--method", "ties", "--base", base.name]
+    assert (
+        main([*args, "--param", "density=0.5", "--param", "scaling=0.8", "--out", str(folder)]) == 0
+    )
+    (command,) = fenced(section((folder / "README.md").read_text(), "Reproduce"), "bash")
+    words = shlex.split(command)
+    assert words[words.index("--method") + 1] == "ties" and "replay" not in command
+    out = tmp_path / "rebuilt"
+    assert main(["-q", *words[1 : words.index("--out")], "--out", str(out)]) == 0
+    rebuilt, original = weights_of(out), weights_of(folder)
+    assert rebuilt.keys() == original.keys()
+    assert all(torch.equal(rebuilt[name], original[name]) for name in original)

@@ -9,6 +9,7 @@ import shlex
 
 from hf_soups import citations
 from hf_soups.cards.sources import hub_id, pinned
+from hf_soups.commands.merge import MERGE_METHODS
 from hf_soups.recipe.schema import Recipe
 
 # Two sentences per method: what it does, and why it helps.
@@ -138,6 +139,13 @@ def summary(recipe: Recipe, architecture: str | None, library: str | None) -> st
     return f"This model is a `{recipe.method}` merge of {_count(merged, 'checkpoint')}.{made}"
 
 
+# Methods whose recorded parameters are their --param values (Fisher records its Fisher files'
+# metadata: its card replays the recipe instead), less what is recorded for readers only (the
+# one sign election implemented).
+_COMMAND_LINE_METHODS = frozenset(MERGE_METHODS) - {"fisher"}
+_RECORDED_ONLY = frozenset({"sign_election"})
+
+
 def reproduce(recipe: Recipe, out: str) -> dict:
     """The command (or Python call) that rebuilds the weights from the (published) recipe,
     and a note when local folders must be at hand."""
@@ -159,12 +167,23 @@ def reproduce(recipe: Recipe, out: str) -> dict:
         command = ["hf-soups", "wise-ft", *words, "--alpha", repr(float(alpha)), *dtype]
         return {"language": "bash", "code": shlex.join([*command, "--out", out]), "note": note}
     weights = recipe.parameters.get("weights")
+    pruning = recipe.soup.pruning if recipe.soup is not None else None
+    # The command line keeps the ingredients' shared mask by default.
+    masks = ["--masks", pruning.masks] if pruning and pruning.masks != "shared" else []
     if recipe.method == "weighted_average" and isinstance(weights, list) and recipe.base is None:
         listed = ",".join(repr(float(w)) for w in weights)
-        pruning = recipe.soup.pruning if recipe.soup is not None else None
-        # The command line keeps the ingredients' shared mask by default.
-        masks = ["--masks", pruning.masks] if pruning and pruning.masks != "shared" else []
         command = ["hf-soups", "merge", *words, "--weights", listed, *masks, *dtype, "--out", out]
+        return {"language": "bash", "code": shlex.join(command), "note": note}
+    if recipe.patch is None and recipe.method in _COMMAND_LINE_METHODS:
+        base = ["--base", pinned(recipe.base)] if recipe.base else []
+        params = [
+            word
+            for key, value in sorted(recipe.parameters.items())
+            if key not in _RECORDED_ONLY
+            for word in ("--param", f"{key}={json.dumps(value)}")
+        ]
+        method = ["--method", recipe.method, *base, *params]
+        command = ["hf-soups", "merge", *words, *method, *masks, *dtype, "--out", out]
         return {"language": "bash", "code": shlex.join(command), "note": note}
     code = f"from hf_soups.recipe import replay\n\nreplay({'soup.json'!r}, {out!r})"
     return {"language": "python", "code": code, "note": note}
