@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tiny import VIT_CONFIG
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     CLIPConfig,
@@ -22,15 +23,7 @@ from hf_soups.errors import UnsupportedArchitectureError
 from hf_soups.pruning.flops import JsonConfig, MissingConfigValue, model_counts
 
 TEXT_LENGTH = 7
-VIT = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    num_labels=3,
-)
+VIT = VIT_CONFIG
 CLIP_TEXT = dict(
     hidden_size=16,
     intermediate_size=24,
