@@ -192,6 +192,8 @@ def merge(
     """
     ingredients, method, base = _prepare(ingredients, weights, method, base)
     template = ingredients[0]
+    if dtype is None:
+        _note_mixed_precision(ingredients)
     try:
         shards, indexes = plan_shards(template, dtype, max_shard_size)
     except ValueError:
@@ -249,6 +251,27 @@ def merge(
     out_dir = Path(out_dir)
     logger.info("Merged %d ingredients into %s", len(ingredients), out_dir)
     return out_dir
+
+
+def _note_mixed_precision(ingredients: Sequence[Ingredient]) -> None:
+    # Legitimate (float32 and bfloat16 copies of one model), but the output's precision is
+    # then the first ingredient's, which the user may not have meant.
+    template = ingredients[0]
+    for other in ingredients[1:]:
+        for name, info in template.tensors.items():
+            theirs = other.tensors[name].dtype
+            if info.dtype.is_floating_point and theirs != info.dtype:
+                logger.warning(
+                    "%s stores %s as %s, %s as %s: the merge is written as %s, the first "
+                    "ingredient's (dtype=... or --dtype chooses)",
+                    other.name,
+                    name,
+                    str(theirs).removeprefix("torch."),
+                    template.name,
+                    str(info.dtype).removeprefix("torch."),
+                    str(info.dtype).removeprefix("torch."),
+                )
+                return
 
 
 def _record_dtype(config_file: Path, dtype: torch.dtype) -> None:

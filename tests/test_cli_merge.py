@@ -123,6 +123,10 @@ BAD = {
     "architecture": _other_architecture,
     "pickle only": _pickle_only,
     "missing tensor": _missing_tensor,
+    "duplicate": lambda a, b, t: (
+        [str(a), str(b), str(b / ".." / "b")],
+        [f"{b / '..' / 'b'}: the same checkpoint as {b}", "--weights"],
+    ),
 }
 
 

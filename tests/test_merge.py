@@ -371,3 +371,22 @@ def test_a_streamed_merge_computes_into_reused_memory(tmp_path, monkeypatch):
     out = merge(folders, tmp_path / "soup", progress=False)
     assert fresh_reads == []
     assert_matches_reference(load_weights(out), weighted_reference(folders, [1 / 3] * 3))
+
+
+def test_inputs_of_different_precision_are_merged_in_the_first_ones_with_a_warning(
+    tmp_path, caplog
+):
+    first = write_weights_folder(tmp_path / "f32", {"w": torch.full((4,), 1.0)})
+    second = write_weights_folder(
+        tmp_path / "f16", {"w": torch.full((4,), 3.0, dtype=torch.float16)}
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        out = merge([first, second], tmp_path / "soup", progress=False)
+    merged = load_weights(out)["w"]
+    assert merged.dtype == torch.float32 and torch.equal(merged, torch.full((4,), 2.0))
+    (message,) = [r.getMessage() for r in caplog.records if "written as" in r.getMessage()]
+    assert "stores w as float16" in message and "written as float32" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        merge([first, second], tmp_path / "chosen", dtype=torch.float16, progress=False)
+    assert not [r for r in caplog.records if "written as" in r.getMessage()]

@@ -166,3 +166,23 @@ def test_the_merge_command_keeps_a_shared_mask_refuses_differing_ones_and_inters
     replayed = _stored(replay(out, tmp_path / "replayed", progress=False))
     assert all(torch.equal(replayed[n], written[n]) for n in written)
     assert "--masks intersection" in (out / "README.md").read_text()
+
+
+def test_an_intersection_much_sparser_than_its_masks_is_warned_about(tmp_path, caplog):
+    import logging
+
+    differing = _pruned_folders(tmp_path / "differing", [1, 2], [0, 5])
+    a, b = (load_file(f / MASK_FILE) for f in differing)
+    total = sum(m.numel() for m in a.values())
+    expected = 1 - sum(int((a[n] & b[n]).sum()) for n in a) / total
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        SoupBuilder.from_pretrained([str(f) for f in differing], masks="intersection")
+    (message,) = [
+        r.getMessage() for r in caplog.records if "intersection of 2 masks" in r.getMessage()
+    ]
+    assert f"{100 * expected:.1f}% sparse, the sparsest of them 60.0%" in message
+    caplog.clear()
+    same = _pruned_folders(tmp_path / "same", [1, 2], [0, 0])
+    with caplog.at_level(logging.WARNING, logger="hf_soups"):
+        SoupBuilder.from_pretrained([str(f) for f in same], masks="intersection")
+    assert not [r for r in caplog.records if "intersection" in r.getMessage()]

@@ -153,6 +153,13 @@ def run(args: argparse.Namespace) -> None:
     inputs = [*args.sources, *([args.base] if args.base else [])]
     check_output_dir(args.out, args.overwrite, inputs=inputs)
     ingredients = as_ingredients(args.sources, allow_pickle=args.allow_pickle)
+    paths = [ingredient.path.resolve() for ingredient in ingredients]
+    for index, path in enumerate(paths):
+        if path in paths[:index]:
+            raise ValueError(
+                f"{args.sources[index]}: the same checkpoint as {args.sources[paths.index(path)]} "
+                "(--weights weighs a model more)"
+            )
     base = as_ingredients([args.base], allow_pickle=args.allow_pickle)[0] if args.base else None
     out = merge(
         ingredients,

@@ -9,6 +9,7 @@ counts as dense).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,11 @@ from hf_soups.recipe.schema import PruningRecord
 if TYPE_CHECKING:
     from hf_soups.ingredients import Ingredient
 
+logger = logging.getLogger(__name__)
+
 MASK_RULES = ("shared", "intersection")
+# How much sparser than its sparsest mask an intersection may come out unremarked.
+_INTERSECTION_NOTICE = 0.05
 
 
 @dataclass
@@ -102,7 +107,18 @@ def soup_mask(ingredients: Sequence[Ingredient], rule: str = "shared") -> SoupMa
     for _, masks in masked:
         for name, mask in masks.items():
             combined[name] = combined[name] & mask if name in combined else mask.clone()
-    return SoupMask(combined, rule)
+    soup = SoupMask(combined, rule)
+    sparsest = max(SoupMask(masks, rule).sparsity for _, masks in masked)
+    # Masks that do not overlap leave much less than any of them keeps.
+    if soup.sparsity > sparsest + _INTERSECTION_NOTICE:
+        logger.warning(
+            "the intersection of %d masks is %.1f%% sparse, the sparsest of them %.1f%%: they "
+            "keep different weights",
+            len(masked),
+            100 * soup.sparsity,
+            100 * sparsest,
+        )
+    return soup
 
 
 def _check_fits(ingredient: Ingredient, masks: dict[str, torch.Tensor]) -> None:
