@@ -121,6 +121,7 @@ def test_recorded_pruning_recipe_is_shown_and_round_trips(sparse_soup):
     assert "3 copies retrained per round" in card and "greedy soup of the copies" in card
     assert "Copies kept in each round's soup: round 1: copy-0, copy-2; round 2: copy-1." in card
     assert "zimmer2024sparse" in card  # Sparse Model Soups is cited
+    assert "(the copies the last round of a greedy sparse-soup loop kept)" in card
 
 
 def test_a_pruning_record_without_a_recipe_still_loads(sparse_soup):

@@ -133,6 +133,10 @@ def summary(recipe: Recipe, architecture: str | None, library: str | None) -> st
         considered = max(len(recipe.soup.candidates or []), len(recipe.soup.greedy_trace or []))
         of = f" (of {considered} considered)" if considered > merged else ""
         kind = recipe.soup.method.replace("_", " ")
+        pruning = recipe.soup.pruning.recipe if recipe.soup.pruning else None
+        if pruning is not None and pruning.copies_per_round and pruning.soup:
+            # The Sparse Model Soups loop chose the copies; this soup averages what it kept.
+            of = f" (the copies the last round of a {pruning.soup} sparse-soup loop kept)"
         return (
             f"This model is a {kind} soup of {_count(merged, 'fine-tuned checkpoint')}{of}.{made}"
         )
