@@ -149,3 +149,22 @@ def test_mistakes_are_named(tmp_path, reduced_clip):
     with pytest.raises(HfSoupsError, match="base_model"):
         save_reduced(result, tmp_path / "x", base_model="/local/dense")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_card_command_rewrites_a_reduced_folders_card(reduced_clip, tmp_path, capsys):
+    import shutil
+
+    from hf_soups.cli import main
+
+    _, folder, _ = reduced_clip
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    expected = (copy / "README.md").read_text()
+    (copy / "README.md").unlink()
+    assert main(["-q", "card", str(copy), "--model-name", "tiny-clip-reduced"]) == 0
+    assert capsys.readouterr().out.strip() == f"Wrote {copy / 'README.md'}"
+    # The same card save_reduced wrote, but for the zero-shot task only save_reduced knew.
+    written = (copy / "README.md").read_text()
+    assert written.split("## ")[0] == expected.split("## ")[0]
+    assert _row(written, "Parameters") == _row(expected, "Parameters")
+    assert main(["-q", "card", str(copy), "--license", "mit"]) == 2
+    assert "records no license" in capsys.readouterr().err
