@@ -98,10 +98,25 @@ def narrowed_model(
             for key, dim in (("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)):
                 state[f"{mlp}.{key}"] = state[f"{mlp}.{key}"].index_select(dim, indices)
     parameter = next(model.parameters())
-    narrowed = type(model)(narrowed_config(model, sizes))
-    narrowed.load_state_dict(state, strict=True)
+    # Built on the meta device: a random initialisation of every weight, all overwritten at
+    # once, costs seconds for a ViT-B. Cloned, so that training one model leaves the other be.
+    with torch.device("meta"):
+        narrowed = type(model)(narrowed_config(model, sizes))
+    narrowed.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
+    _copy_unsaved_buffers(model, narrowed)
     narrowed.to(device=parameter.device, dtype=parameter.dtype)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     for name, p in narrowed.named_parameters():
         p.requires_grad_(name not in frozen)
     return narrowed.train(model.training)
+
+
+def _copy_unsaved_buffers(model: nn.Module, narrowed: nn.Module) -> None:
+    """Buffers outside the state dict (CLIP's ``position_ids``) are still on the meta device:
+    they take the original model's values, which the narrowing does not touch."""
+    originals = dict(model.named_buffers())
+    for name, buffer in list(narrowed.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attribute = name.rpartition(".")
+            module = narrowed.get_submodule(owner) if owner else narrowed
+            module.register_buffer(attribute, originals[name].clone(), persistent=False)
