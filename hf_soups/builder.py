@@ -19,7 +19,12 @@ from hf_soups.distributed import check_agreement
 from hf_soups.errors import HfSoupsError, InvalidWeightsError
 from hf_soups.evaluation import EvalResult, Evaluator, as_scorer
 from hf_soups.greedy import AcceptanceRule, greedy_pass
-from hf_soups.ingredients import INGREDIENT_METADATA_FILE, Ingredient, check_compatible
+from hf_soups.ingredients import (
+    INGREDIENT_METADATA_FILE,
+    Ingredient,
+    check_compatible,
+    check_distinct,
+)
 from hf_soups.merge import (
     IngredientLike,
     as_ingredients,
@@ -65,9 +70,7 @@ class SoupBuilder:
         if len(self.ingredients) < 1:
             raise HfSoupsError("a soup needs at least one ingredient")
         check_compatible(self.ingredients)
-        names = [ingredient.name for ingredient in self.ingredients]
-        if len(set(names)) != len(names):
-            raise HfSoupsError(f"ingredients are given twice: {names}")
+        check_distinct(self.ingredients)
         self.scores: dict[str, dict[str, dict]] = {}
         self._individual: dict[str, float] = {}
         self._individual_results: dict[str, EvalResult] = {}

@@ -350,6 +350,24 @@ def _describe(architecture: tuple) -> str:
     return f"a {model_type or family} checkpoint ({', '.join(classes) or 'no architectures'})"
 
 
+def check_distinct(ingredients: Iterable[Ingredient]) -> None:
+    """Refuse a checkpoint given twice, by name or by folder (``b`` and ``b/../b``): it would
+    count twice in every average, where a weight says what was meant.
+
+    Raises:
+        IncompatibleIngredientsError: naming both sources.
+    """
+    seen: dict[object, Ingredient] = {}
+    for ingredient in ingredients:
+        for key in (ingredient.name, ingredient.path.resolve()):
+            earlier = seen.setdefault(key, ingredient)
+            if earlier is not ingredient:
+                raise IncompatibleIngredientsError(
+                    f"{ingredient.name}: the same checkpoint as {earlier.name} (give it once; "
+                    "weights, --weights on the command line, weigh a model more)"
+                )
+
+
 def check_compatible(ingredients: Iterable[Ingredient]) -> None:
     """Check that ingredients can be merged: same architecture, tensor names, shapes and kinds.
 

@@ -24,7 +24,7 @@ from hf_soups.cards import write_card
 from hf_soups.checkpoint_files import copy_extra_files
 from hf_soups.errors import IncompatibleIngredientsError, RecipeError
 from hf_soups.ingredients import Ingredient, TensorInfo, check_compatible
-from hf_soups.merged_tensors import cast_dtype, merged_tensors, ordered_names
+from hf_soups.merged_tensors import cast_dtype, dtype_name, merged_tensors, ordered_names
 from hf_soups.methods.base import (
     MergeMethod,
     ReusedBuffer,
@@ -261,15 +261,16 @@ def _note_mixed_precision(ingredients: Sequence[Ingredient]) -> None:
         for name, info in template.tensors.items():
             theirs = other.tensors[name].dtype
             if info.dtype.is_floating_point and theirs != info.dtype:
+                ours = dtype_name(info.dtype)
                 logger.warning(
                     "%s stores %s as %s, %s as %s: the merge is written as %s, the first "
                     "ingredient's (dtype=... or --dtype chooses)",
                     other.name,
                     name,
-                    str(theirs).removeprefix("torch."),
+                    dtype_name(theirs),
                     template.name,
-                    str(info.dtype).removeprefix("torch."),
-                    str(info.dtype).removeprefix("torch."),
+                    ours,
+                    ours,
                 )
                 return
 
@@ -279,7 +280,7 @@ def _record_dtype(config_file: Path, dtype: torch.dtype) -> None:
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text())
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     for key in ("dtype", "torch_dtype"):
         if key in config or key == "dtype":
             config[key] = name
@@ -310,7 +311,7 @@ def build_recipe(
         citation=method.citation,
         ingredients=[ingredient.record() for ingredient in ingredients],
         base=base.record() if base is not None else None,
-        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        dtype=dtype_name(dtype) if dtype is not None else None,
         **fields,
     )
 
@@ -319,7 +320,5 @@ def _check_describes(recipe: Recipe, method: MergeMethod, dtype: torch.dtype | N
     # A recipe that names another merge than the one written would replay into other weights.
     expected = (method.name, json.dumps(method.parameters(), sort_keys=True, default=str))
     recorded = (recipe.method, json.dumps(recipe.parameters, sort_keys=True, default=str))
-    if expected != recorded or recipe.dtype != (
-        str(dtype).removeprefix("torch.") if dtype else None
-    ):
+    if expected != recorded or recipe.dtype != (dtype_name(dtype) if dtype else None):
         raise RecipeError(f"the recipe names method {recorded[0]!r}, not the merge written")

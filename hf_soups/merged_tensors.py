@@ -54,7 +54,7 @@ def _check_finite(
     if culprits:
         where = f" in {', '.join(culprits)}"
     elif tensor.dtype != torch.float32:
-        where = f" after merging and casting to {str(tensor.dtype).removeprefix('torch.')}"
+        where = f" after merging and casting to {dtype_name(tensor.dtype)}"
     else:
         where = " after merging"
     message = f"tensor {name!r} has NaN or infinite values{where}"
@@ -121,7 +121,9 @@ def merged_tensors(
     for name in names:
         info = template.tensors[name]
         if not info.dtype.is_floating_point:
-            copied, differing[name] = _copied_buffer(name, ingredients, source)
+            copied, held = _copied_buffer(name, ingredients, source)
+            if held:
+                differing[name] = held
             yield name, copied
             continue
         merged = method.merge_tensor(
@@ -135,9 +137,7 @@ def merged_tensors(
         written = merged.to(cast_dtype(info, dtype))
         _check_finite(written, name, [*ingredients, *([base] if base else [])], allow_non_finite)
         yield name, written
-    _warn_differing_buffers(
-        {name: held for name, held in differing.items() if held}, ingredients[source]
-    )
+    _warn_differing_buffers(differing, ingredients[source])
 
 
 def ordered_names(ingredient: Ingredient) -> list[str]:
@@ -169,6 +169,11 @@ def complete_state_dict(
         else template.read(name)
         for name, info in template.tensors.items()
     }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``: how recipes, configs and messages name a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def cast_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:

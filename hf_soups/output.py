@@ -165,10 +165,7 @@ def atomic_output_dir(
 def final_name(folder: str | os.PathLike) -> str:
     """The name ``folder`` has once :func:`atomic_output_dir` moves it into place: its own name,
     or, for one of the temporary folders it yields (nested ones too), its target's."""
-    name = Path(folder).resolve().name
-    while (found := _TEMPORARY_NAME.fullmatch(name)) is not None:
-        name = found.group(1)
-    return name
+    return final_path(Path(folder).resolve()).name
 
 
 def final_path(path: str | os.PathLike) -> Path:

@@ -143,3 +143,13 @@ def test_pickled_state_dict_is_read_with_weights_only(tmp_path):
     assert set(ingredient.tensors) == {"w", "ids"}
     assert all(torch.equal(ingredient.read(n), state[n]) for n in state)
     assert ingredient.tensors["w"].group == "model"
+
+
+def test_a_checkpoint_given_twice_is_refused_by_the_builder(tmp_path):
+    from hf_soups import SoupBuilder
+
+    a, b = (make_vit_folder(tmp_path / name, seed=i) for i, name in enumerate("ab"))
+    for sources in ([a, b, a], [a, b, b / ".." / "b"]):
+        with pytest.raises(IncompatibleIngredientsError, match="the same checkpoint as"):
+            SoupBuilder([Ingredient.from_source(str(source)) for source in sources])
+    assert len(SoupBuilder([Ingredient.from_source(str(s)) for s in (a, b)]).ingredients) == 2

@@ -129,6 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from hf_soups.errors import MissingBaseError
+    from hf_soups.ingredients import check_distinct
     from hf_soups.merge import as_ingredients, merge
     from hf_soups.methods import METHODS, get_method
     from hf_soups.output import check_output_dir
@@ -153,13 +154,7 @@ def run(args: argparse.Namespace) -> None:
     inputs = [*args.sources, *([args.base] if args.base else [])]
     check_output_dir(args.out, args.overwrite, inputs=inputs)
     ingredients = as_ingredients(args.sources, allow_pickle=args.allow_pickle)
-    paths = [ingredient.path.resolve() for ingredient in ingredients]
-    for index, path in enumerate(paths):
-        if path in paths[:index]:
-            raise ValueError(
-                f"{args.sources[index]}: the same checkpoint as {args.sources[paths.index(path)]} "
-                "(--weights weighs a model more)"
-            )
+    check_distinct(ingredients)
     base = as_ingredients([args.base], allow_pickle=args.allow_pickle)[0] if args.base else None
     out = merge(
         ingredients,

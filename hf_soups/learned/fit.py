@@ -48,6 +48,7 @@ from hf_soups.ingredients import Ingredient
 from hf_soups.learned.coefficients import MixingCoefficients, Parameterisation
 from hf_soups.learned.mixed import CoefficientGradients, MixedModel
 from hf_soups.learned.placement import MEMORY_CHOICES, Memory
+from hf_soups.merged_tensors import dtype_name
 from hf_soups.models import ZeroShotTask
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ def fit_mixing_coefficients(
             "lr": lr,
             "batch_size": batch_size,
             "memory": mixed.memory,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": dtype_name(dtype),
         },
         frozen=mixed.frozen,
     )
